@@ -1,0 +1,146 @@
+"""The `sparse-recover` command line. Thin: options -> config -> commands.<name>.run.
+
+Heavy imports (torch, transformers) happen inside the commands, so `--help` is instant. A
+SparseRecoverError ends the process with one line on stderr and its exit code, no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+import click
+import typer
+
+from sparse_recover.errors import SparseRecoverError
+
+app = typer.Typer(
+    name="sparse-recover",
+    help="Prune causal LMs (magnitude, Wanda, SparseGPT; unstructured or N:M = keep N of M), "
+    "refine the masks, recover accuracy, and audit every zero.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@app.command()
+def prune(
+    run_dir: str = typer.Option(..., "--run-dir", help="Run directory (created if missing)."),
+    model: Optional[str] = typer.Option(None, "--model", help="HF id, local folder, or built-in alias (smollm2-135m, gemma3-270m)."),
+    method: str = typer.Option("wanda", "--method", help="magnitude | wanda | sparsegpt"),
+    pattern: str = typer.Option("unstructured", "--pattern", help="'unstructured' or N:M = keep N of every M (2:4, 4:8, 2:8)."),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction pruned (unstructured); optional for N:M."),
+    calib: str = typer.Option("auto", "--calib", help="c4 | wikitext2 | wiki-en | FILE.txt/.json/.jsonl (auto: wiki-en for built-in models, else c4)."),
+    nsamples: int = typer.Option(128, "--nsamples", help="Calibration windows."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per calibration window."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the window draw."),
+    calib_batch_size: int = typer.Option(1, "--calib-batch-size", help="Windows per forward call."),
+    use_variant: bool = typer.Option(False, "--use-variant", help="Wanda appendix variant (unstructured)."),
+    blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT column block size."),
+    percdamp: float = typer.Option(0.01, "--percdamp", help="SparseGPT damping, fraction of mean(diag H)."),
+    threshold_rule: str = typer.Option("exact", "--threshold-rule", help="exact | reference (the reference's '<= sorted[k]' threshold)."),
+    propagate: str = typer.Option("pruned", "--propagate", help="pruned (reference) | dense: what feeds the next block."),
+    offload: bool = typer.Option(False, "--offload", help="Keep the model on the CPU; only the current block on the device."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML with model/calib/prune sections; options given here win."),
+    set_: List[str] = typer.Option([], "--set", help="Override section.key=value (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Redo a completed stage."),
+):
+    """Prune a model layer by layer and write RUN/prune (checkpoint, tokenizer, masks)."""
+    from sparse_recover.commands import prune as cmd
+    from sparse_recover.config import PruneConfig, apply_overrides, deep_merge, load_yaml, validate
+
+    if not config and not set_:  # plain CLI use: report option mistakes in the options' own words
+        from sparse_recover.pruning import get_method
+        from sparse_recover.sparsity.patterns import parse_pattern
+
+        get_method(method)
+        parse_pattern(pattern, sparsity)
+    data = load_yaml(config) if config else {}
+    given = {
+        "model": {"model": model, "dtype": dtype, "device": device},
+        "calib": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "batch_size": calib_batch_size},
+        "prune": {"method": method, "pattern": pattern, "sparsity": sparsity, "use_variant": use_variant,
+                  "blocksize": blocksize, "percdamp": percdamp, "threshold_rule": threshold_rule,
+                  "propagate": propagate, "offload": offload},
+    }
+    if config:  # the file wins over defaults; explicitly typed options win over the file
+        ctx = typer.get_current_context()
+        explicit = {k for k, v in ctx.params.items()
+                    if ctx.get_parameter_source(k) not in (None, click.core.ParameterSource.DEFAULT)}
+        option_of = {"model": "model", "dtype": "dtype", "device": "device", "source": "calib", "nsamples": "nsamples",
+                     "seqlen": "seqlen", "seed": "seed", "batch_size": "calib_batch_size"}
+        given = {sec: {k: v for k, v in vals.items() if option_of.get(k, k) in explicit} for sec, vals in given.items()}
+        data = deep_merge(data, given)
+    else:
+        data = given
+    data = apply_overrides(data, set_)
+    if not (data.get("model") or {}).get("model"):
+        raise SparseRecoverError("--model is required (a HF id, a local folder, or a built-in alias such as smollm2-135m)")
+    cfg = validate(PruneConfig, data)
+    cmd.run(cfg, run_dir, force=force)
+
+
+@app.command()
+def audit(
+    run_dir: str = typer.Option(..., "--run-dir", help="Run directory."),
+    stage: List[str] = typer.Option([], "--stage", help="Stage(s) to audit (default: every checkpoint stage)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="One line per linear."),
+):
+    """Check each stage's zeros against its stored masks, N:M groups and per-group budgets."""
+    from sparse_recover.commands import audit as cmd
+
+    cmd.run(run_dir, stages=stage or None, as_json=json_out, verbose=verbose)
+
+
+@app.command("eval")
+def eval_(
+    run_dir: str = typer.Option(..., "--run-dir", help="Run directory."),
+    stage: str = typer.Option("prune", "--stage", help="dense | prune"),
+    tasks: str = typer.Option("ppl", "--tasks", help="Comma-separated tasks (this version: ppl)."),
+    ppl_data: str = typer.Option("auto", "--ppl-data", help="wikitext2 | wiki-en | FILE (auto: wiki-en for built-in models, else wikitext2)."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Perplexity window length."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N windows."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward call."),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    force: bool = typer.Option(False, "--force", help="Measure again even if the result exists."),
+):
+    """Evaluate a stage of a run directory (WikiText-2-protocol perplexity)."""
+    from sparse_recover.commands import evaluate as cmd
+    from sparse_recover.errors import ConfigError
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    cmd.run(run_dir, stage, [t.strip() for t in tasks.split(",") if t.strip()], ppl_data=ppl_data, seqlen=seqlen,
+            limit=limit, batch_size=batch_size, device=device, dtype=dtype, force=force)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and a documented exit code."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, standalone_mode=False)
+    except SparseRecoverError as exc:
+        print(f"sparse-recover: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.exceptions.ClickException as exc:
+        print(f"sparse-recover: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("sparse-recover: aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("sparse-recover: interrupted; completed stages are intact", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

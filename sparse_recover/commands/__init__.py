@@ -1,0 +1,3 @@
+"""One module per command; each exposes `run(...)`. The CLI only parses options and calls them."""
+
+COMMANDS = ("prune", "audit", "eval")

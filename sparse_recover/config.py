@@ -1,0 +1,143 @@
+"""Typed configuration (pydantic v2, extra="forbid"). Every field has the reference default.
+
+CLI options build these objects; a YAML file and `--set section.key=value` overrides layer on top
+(`load_yaml`, `apply_overrides`). Validation reports every problem at once, with dotted paths.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sparse_recover.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    model: str = Field(description="Hugging Face id, local folder, or built-in alias (smollm2-135m, gemma3-270m)")
+    dtype: str = Field("auto", description="auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16")
+    device: str = Field("auto", description="auto (a GPU when present), cpu, cuda, cuda:N")
+
+
+class CalibSection(Section):
+    source: str = Field("auto", description="c4, wikitext2, wiki-en, or a local .txt/.json/.jsonl; "
+                        "auto = wiki-en for built-in models, c4 otherwise")
+    nsamples: int = Field(128, ge=1)
+    seqlen: int = Field(2048, ge=2)
+    seed: int = 0
+    batch_size: int = Field(1, ge=1, description="windows per forward call; statistics are unchanged")
+
+
+class PruneSection(Section):
+    method: str = "wanda"
+    pattern: str = "unstructured"
+    sparsity: float | None = None
+    use_variant: bool = False
+    blocksize: int = Field(128, ge=1)
+    percdamp: float = Field(0.01, gt=0)
+    threshold_rule: Literal["exact", "reference"] = "exact"
+    propagate: Literal["pruned", "dense"] = "pruned"
+    offload: bool = False
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from sparse_recover.pruning import METHODS
+
+        key = v.strip().lower()
+        if key not in METHODS:
+            raise ValueError(f"unknown prune method {v!r}: choose one of {', '.join(METHODS)}")
+        return key
+
+    @model_validator(mode="after")
+    def _pattern(self) -> "PruneSection":
+        from sparse_recover.sparsity.patterns import NM, parse_pattern
+
+        try:
+            pat = parse_pattern(self.pattern, self.sparsity)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if self.use_variant and (isinstance(pat, NM) or self.method != "wanda"):
+            raise ValueError("use_variant applies to wanda with an unstructured pattern only")
+        if isinstance(pat, NM) and self.method == "sparsegpt" and self.blocksize % pat.m:
+            raise ValueError(f"SparseGPT blocksize {self.blocksize} must be divisible by M={pat.m}")
+        return self
+
+    def parsed_pattern(self):
+        from sparse_recover.sparsity.patterns import parse_pattern
+
+        return parse_pattern(self.pattern, self.sparsity)
+
+
+class PruneConfig(Section):
+    model: ModelSection
+    calib: CalibSection = CalibSection()
+    prune: PruneSection
+
+
+def _format_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{path}: {msg}")
+    return "; ".join(parts)
+
+
+def validate(cls: type[BaseModel], data: dict[str, Any]) -> Any:
+    """Build `cls` from `data`; on failure raise ConfigError listing every problem with its path."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_format_errors(exc)}") from None
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides; values are parsed as YAML scalars."""
+    import yaml
+
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

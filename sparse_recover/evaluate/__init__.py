@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (reference WikiText-2 protocol); lm-eval tasks come later."""

@@ -1,0 +1,140 @@
+"""Audit a checkpoint against its stored masks, without loading a model.
+
+Per linear: sparsity of the mask, N:M compliance (exactly N kept in every aligned group), the
+method's comparison-group budget (same kept count in every row / matrix / column block), and that
+every pruned position of the checkpoint is exactly zero. A weight that is zero but kept is fine
+(pre-existing zeros, e.g. from a 4-bit source); a pruned weight that is not zero is a violation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparse_recover.sparsity.io import MASKS_FILE, load_masks, masks_sha256
+from sparse_recover.sparsity.masks import nm_group_counts
+from sparse_recover.sparsity.patterns import NM, Unstructured, parse_pattern
+
+
+class CheckpointTensors:
+    """Read named tensors from a (possibly sharded) safetensors checkpoint folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {k: self.folder / v for k, v in weight_map.items()}
+        else:
+            from safetensors import safe_open
+
+            single = self.folder / "model.safetensors"
+            if not single.is_file():
+                raise FileNotFoundError(f"no model.safetensors in {self.folder}")
+            with safe_open(str(single), framework="pt") as fh:
+                self.files = {k: single for k in fh.keys()}
+
+    def get(self, key: str) -> torch.Tensor | None:
+        from safetensors import safe_open
+
+        path = self.files.get(key)
+        if path is None:
+            return None
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.get_tensor(key)
+
+
+def _budget_ok(keep: torch.Tensor, group: str, pattern) -> bool | None:
+    """Whether every comparison group holds the exact kept count the method guarantees."""
+    if isinstance(pattern, NM) or group in ("none", "nm", ""):
+        return None
+    rows, cols = keep.shape
+    s = pattern.sparsity
+    if group == "row":
+        return bool((keep.sum(dim=1) == cols - int(cols * s)).all())
+    if group == "matrix":
+        return int(keep.sum()) == keep.numel() - int(keep.numel() * s)
+    if group.startswith("block"):
+        b = int(group[5:])
+        for c0 in range(0, cols, b):
+            blk = keep[:, c0 : c0 + b]
+            if int(blk.sum()) != blk.numel() - int(blk.numel() * s):
+                return False
+        return True
+    return None
+
+
+def audit_checkpoint(folder: Path, stage_entry: dict[str, Any] | None) -> dict[str, Any]:
+    """Audit RUN/<stage>: returns a report with per-linear rows and a list of violations."""
+    folder = Path(folder)
+    report: dict[str, Any] = {"folder": str(folder), "layers": {}, "violations": []}
+    masks_path = folder / MASKS_FILE
+    if not masks_path.is_file():
+        report["violations"].append(f"{masks_path} is missing")
+        return report
+    masks, meta = load_masks(masks_path)
+    transposed = set(json.loads(meta.get("transposed", "[]")))
+    entry = stage_entry or {}
+    pattern_name = entry.get("pattern") or meta.get("pattern")
+    target = (entry.get("sparsity") or {}).get("target")
+    pattern = None
+    if pattern_name:
+        pattern = parse_pattern(pattern_name) if pattern_name != "unstructured" else (
+            Unstructured(float(target)) if target else None)
+    group = entry.get("group", "none")
+    if entry.get("masks_sha256") and entry["masks_sha256"] != masks_sha256(masks):
+        report["violations"].append("masks.safetensors does not match the hash recorded in the manifest")
+    try:
+        tensors = CheckpointTensors(folder)
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        report["violations"].append(str(exc))
+        return report
+    expected = set((entry.get("sparsity") or {}).get("layers", {}).keys())
+    for key in sorted(expected - set(masks)):
+        if "shape" in entry["sparsity"]["layers"][key]:
+            report["violations"].append(f"{key}: no stored mask")
+    total = kept_total = revived_total = 0
+    for key, keep in masks.items():
+        weight = tensors.get(key)
+        row: dict[str, Any] = {}
+        if weight is None:
+            report["violations"].append(f"{key}: mask has no weight in the checkpoint")
+            continue
+        w = weight.t() if key in transposed else weight
+        if tuple(w.shape) != tuple(keep.shape):
+            report["violations"].append(f"{key}: mask shape {tuple(keep.shape)} != weight shape {tuple(w.shape)}")
+            continue
+        revived = int(((w != 0) & ~keep).sum())
+        incidental = int(((w == 0) & keep).sum())
+        row["shape"] = list(keep.shape)
+        row["sparsity"] = round(1 - keep.float().mean().item(), 6)
+        row["pruned_nonzero"] = revived
+        row["kept_zero"] = incidental
+        if revived:
+            report["violations"].append(f"{key}: {revived} pruned weights are not zero")
+        if isinstance(pattern, NM):
+            if keep.shape[1] % pattern.m:
+                report["violations"].append(f"{key}: width {keep.shape[1]} not divisible by M={pattern.m}")
+            else:
+                counts = nm_group_counts(keep, pattern.m)
+                bad = int((counts != pattern.n).sum())
+                row["nm_bad_groups"] = bad
+                if bad:
+                    report["violations"].append(f"{key}: {bad} groups break {pattern.name}")
+        budget = _budget_ok(keep, group, pattern) if pattern is not None else None
+        if budget is not None:
+            row["budget_ok"] = budget
+            if not budget:
+                report["violations"].append(f"{key}: kept counts differ across its {group} comparison groups")
+        total += keep.numel()
+        kept_total += int(keep.sum())
+        revived_total += revived
+        report["layers"][key] = row
+    report["overall_sparsity"] = round(1 - kept_total / total, 6) if total else 0.0
+    report["pruned_nonzero"] = revived_total
+    report["linears"] = len(report["layers"])
+    report["ok"] = not report["violations"]
+    return report

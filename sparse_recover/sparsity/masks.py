@@ -1,0 +1,67 @@
+"""Mask selection in each comparison group. Pure tensor functions; True = keep.
+
+Ties break by a stable sort (lower column index is pruned first), so equal scores always give the
+same mask. The reference code uses torch.topk for N:M, whose tie order is unspecified; without
+ties both select the same entries.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from sparse_recover.errors import ConfigError
+from sparse_recover.sparsity.patterns import NM
+
+ThresholdRule = Literal["exact", "reference"]
+
+
+def _argsort(score: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return torch.sort(score, dim=dim, stable=True).indices
+
+
+def keep_per_row(score: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Prune the `n_prune` lowest scores of every row (Wanda's comparison group)."""
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if n_prune > 0:
+        idx = _argsort(score, dim=1)[:, :n_prune]
+        keep.scatter_(1, idx, False)
+    return keep
+
+
+def keep_per_matrix(score: torch.Tensor, n_prune: int, rule: ThresholdRule = "exact") -> torch.Tensor:
+    """Prune the `n_prune` lowest scores of the whole matrix (magnitude's / SparseGPT-block's group).
+
+    rule="exact" prunes exactly n_prune entries (stable order). rule="reference" reproduces the
+    reference code: threshold = sorted[n_prune], prune every score <= threshold, which prunes
+    n_prune + 1 entries plus any ties.
+    """
+    flat = score.reshape(-1)
+    if rule == "reference":
+        if n_prune >= flat.numel():
+            return torch.zeros_like(score, dtype=torch.bool)
+        thresh = torch.sort(flat).values[n_prune]
+        return ~(score <= thresh)
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=score.device)
+    if n_prune > 0:
+        keep[_argsort(flat, dim=0)[:n_prune]] = False
+    return keep.view_as(score)
+
+
+def keep_nm(score: torch.Tensor, nm: NM) -> torch.Tensor:
+    """Within each row and each aligned group of M input columns, keep the N highest scores."""
+    rows, cols = score.shape
+    if cols % nm.m:
+        raise ConfigError(f"input width {cols} is not divisible by M={nm.m}")
+    grouped = score.reshape(rows, cols // nm.m, nm.m)
+    keep = torch.ones_like(grouped, dtype=torch.bool)
+    idx = _argsort(grouped, dim=2)[..., : nm.n_prune]
+    keep.scatter_(2, idx, False)
+    return keep.reshape(rows, cols)
+
+
+def nm_group_counts(keep: torch.Tensor, m: int) -> torch.Tensor:
+    """Kept count of every aligned group of m input columns, shape (rows, cols // m)."""
+    rows, cols = keep.shape
+    return keep.reshape(rows, cols // m, m).sum(dim=2)
