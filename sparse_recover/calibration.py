@@ -183,9 +183,13 @@ class _StatCollector:
         self._seen.clear()
 
     def groups(self) -> list[list[str]]:
+        """Linears sharing one statistic, the owner (first called) first, the rest in module order."""
         groups: dict[str, list[str]] = {}
-        for name in self.linears:  # module order; linears never called form their own group
-            groups.setdefault(self.owner.get(name, name), []).append(name)
+        for name in self.linears:  # linears never called form their own group
+            owner = self.owner.get(name, name)
+            groups.setdefault(owner, [owner])
+            if name != owner:
+                groups[owner].append(name)
         return list(groups.values())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,8 @@ def run(cfg: PruneConfig, run_dir: str, force: bool = False) -> dict[str, Any]:
             if method.statistic is not None and stat is None:
                 for name in group:  # never called in the forward: nothing to calibrate on
                     layers[f"{prefix}.{name}.weight"] = {"skipped": "not called during calibration"}
+                    print(f"sparse-recover: warning: {prefix}.{name} was never called during calibration "
+                          "and is left dense", file=sys.stderr)
                 continue
             mods = [linears[n] for n in group]
             outcomes = method.fn([weight_2d(m).detach() for m in mods], stat.value if stat else None, settings)
