@@ -5,8 +5,8 @@ fraction of mean(diag H), U = upper Cholesky factor of H^-1, column sweep with l
 mask chosen per 128-column block (unstructured) or per N:M group on the already-updated weights.
 
 Differences from the reference, on purpose:
-  * When a Cholesky factorisation fails, damping grows tenfold and the solve is retried (up to
-    `max_damp_retries` times); the damping used is returned. The reference crashes.
+  * When a Cholesky factorisation fails, damping grows tenfold and the solve is retried (until
+    `max_damp` x mean(diag H)); the damping used is returned and recorded. The reference crashes.
   * Unstructured blocks prune exactly floor(numel * s) entries unless rule="reference", which
     reproduces the reference's `score <= sorted[k]` threshold (one more entry, plus ties).
   * Several matrices that share one input (q/k/v, gate/up) may be solved in one sweep by stacking
@@ -35,11 +35,12 @@ class SparseGPTResult:
     dead_columns: int
 
 
-def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, max_retries: int) -> tuple[torch.Tensor, float, int]:
+def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, max_damp: float) -> tuple[torch.Tensor, float, int]:
+    """U = upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, growing damp tenfold on failure."""
     diag = torch.arange(H.shape[0], device=H.device)
     mean_diag = torch.mean(torch.diag(H))
-    damp_rel = percdamp
-    for attempt in range(max_retries + 1):
+    damp_rel, attempt = percdamp, 0
+    while True:
         Hd = H.clone()
         Hd[diag, diag] += damp_rel * mean_diag
         L, info = torch.linalg.cholesky_ex(Hd)
@@ -48,11 +49,13 @@ def _inverse_cholesky_upper(H: torch.Tensor, percdamp: float, max_retries: int) 
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0 and torch.isfinite(U).all():
                 return U, damp_rel, attempt
+        if damp_rel * 10.0 > max_damp:
+            raise NumericalError(
+                f"SparseGPT: the Hessian is not positive definite even with damping {damp_rel:g}; "
+                "use more calibration samples or check the activations for non-finite values"
+            )
         damp_rel *= 10.0
-    raise NumericalError(
-        f"SparseGPT: the Hessian is not positive definite even with damping {damp_rel / 10:g}; "
-        "use more calibration samples or a larger --percdamp"
-    )
+        attempt += 1
 
 
 def sparsegpt_prune(
@@ -64,7 +67,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     rule: ThresholdRule = "exact",
     segments: list[int] | None = None,
-    max_damp_retries: int = 4,
+    max_damp: float = 10.0,
 ) -> SparseGPTResult:
     """Prune `weight` (out, in) given H (in, in). Neither input is modified."""
     if isinstance(pattern, NM) and blocksize % pattern.m:
@@ -84,7 +87,7 @@ def sparsegpt_prune(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    U, damp_used, retries = _inverse_cholesky_upper(H, percdamp, max_damp_retries)
+    U, damp_used, retries = _inverse_cholesky_upper(H, percdamp, max_damp)
     del H
 
     prune = torch.zeros(rows, columns, dtype=torch.bool, device=W.device)

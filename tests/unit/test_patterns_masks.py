@@ -1,0 +1,95 @@
+"""Patterns (N:M = keep N of M) and mask selection in each comparison group."""
+
+import pytest
+import torch
+
+from sparse_recover.errors import ConfigError
+from sparse_recover.sparsity.masks import keep_nm, keep_per_matrix, keep_per_row, nm_group_counts
+from sparse_recover.sparsity.patterns import NM, Unstructured, parse_pattern
+
+
+def test_nm_means_keep_n_of_m():
+    assert parse_pattern("2:4") == NM(2, 4)
+    assert parse_pattern("2:4").sparsity == 0.5
+    assert parse_pattern("4:8").sparsity == 0.5
+    # The hardware / paper meaning: 2:8 keeps 2 of 8, 75% sparse (the reference code would read 25%).
+    assert parse_pattern("2:8").sparsity == 0.75
+    assert parse_pattern("2:8").n_prune == 6
+    assert parse_pattern("unstructured", 0.6) == Unstructured(0.6)
+    assert parse_pattern("2:4", 0.5) == NM(2, 4)
+
+
+@pytest.mark.parametrize("bad", ["4:2", "0:4", "2-4", "abc", "4:4", "2:", ":4", "1:1", ""])
+def test_bad_patterns(bad):
+    with pytest.raises(ConfigError):
+        parse_pattern(bad, 0.5 if bad == "" else None)
+
+
+@pytest.mark.parametrize("s", [0, 1, 1.5, -0.1])
+def test_bad_sparsity(s):
+    with pytest.raises(ConfigError):
+        parse_pattern("unstructured", s)
+
+
+def test_sparsity_contradicting_nm():
+    with pytest.raises(ConfigError, match="contradicts"):
+        parse_pattern("2:4", 0.6)
+    with pytest.raises(ConfigError, match="needs --sparsity"):
+        parse_pattern("unstructured")
+
+
+def _scores(rows=16, cols=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(rows, cols, generator=g)
+
+
+@pytest.mark.parametrize("s", [0.3, 0.5, 0.6, 0.77])
+def test_per_row_exact_counts(s):
+    score = _scores()
+    keep = keep_per_row(score, int(score.shape[1] * s))
+    assert keep.dtype == torch.bool and keep.shape == score.shape
+    assert (keep.sum(1) == score.shape[1] - int(score.shape[1] * s)).all()
+    # the pruned entries are the lowest of each row
+    for r in range(score.shape[0]):
+        assert score[r][~keep[r]].max() <= score[r][keep[r]].min()
+
+
+@pytest.mark.parametrize("s", [0.3, 0.5, 0.7])
+def test_per_matrix_exact_and_reference_rule(s):
+    score = _scores()
+    k = int(score.numel() * s)
+    keep = keep_per_matrix(score, k, "exact")
+    assert int((~keep).sum()) == k
+    assert score[~keep].max() <= score[keep].min()
+    ref = keep_per_matrix(score, k, "reference")
+    # the reference prunes every score <= sorted[k]: one more entry (no ties here)
+    assert int((~ref).sum()) == k + 1
+    assert (ref <= keep).all()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (2, 8), (1, 4), (3, 4)])
+def test_nm_every_group(n, m):
+    score = _scores(8, 64)
+    keep = keep_nm(score, NM(n, m))
+    counts = nm_group_counts(keep, m)
+    assert (counts == n).all()
+    grouped = score.view(8, 64 // m, m)
+    kg = keep.view(8, 64 // m, m)
+    lowest_kept = torch.where(kg, grouped, torch.full_like(grouped, 2.0)).min(-1).values
+    highest_pruned = torch.where(~kg, grouped, torch.full_like(grouped, -1.0)).max(-1).values
+    assert (highest_pruned <= lowest_kept).all()
+
+
+def test_ties_break_deterministically_by_column():
+    score = torch.zeros(3, 8)
+    keep = keep_per_row(score, 4)
+    assert (keep[:, :4] == False).all() and (keep[:, 4:] == True).all()  # noqa: E712
+    keep = keep_nm(score, NM(2, 4))
+    assert keep[0].tolist() == [False, False, True, True] * 2
+    keep = keep_per_matrix(score, 5)
+    assert (~keep).flatten().nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+
+
+def test_nm_width_not_divisible():
+    with pytest.raises(ConfigError):
+        keep_nm(torch.rand(2, 6), NM(2, 4))
