@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_recover.config import PruneConfig
-from sparse_recover.errors import ConfigError, RunDirError
+from sparse_recover.errors import ConfigError, NumericalError, RunDirError
 from sparse_recover.rundir import RunDir, now
 
 log = logging.getLogger("sparse_recover")
@@ -75,13 +75,11 @@ def tokenizer_identity(tokenizer) -> str:
 def run(cfg: PruneConfig, run_dir: str, force: bool = False) -> dict[str, Any]:
     import torch
 
-    from sparse_recover.calibration import layerwise
     from sparse_recover.data import tensor_sha256
-    from sparse_recover.models import (decoder_blocks, is_conv1d, load_config, load_model, load_tokenizer,
-                                       prunable_linears, resolve_device, resolve_dtype, resolve_model_source,
-                                       weight_2d)
+    from sparse_recover.models import (load_config, load_model, load_tokenizer, resolve_device, resolve_dtype,
+                                       resolve_model_source)
     from sparse_recover.pruning import PruneSettings, get_method
-    from sparse_recover.runtime import format_seconds, metered, progress, versions
+    from sparse_recover.runtime import format_seconds, metered, versions
     from sparse_recover.sparsity.io import MASKS_FILE, save_masks
     from sparse_recover.sparsity.patterns import NM
 
@@ -121,54 +119,15 @@ def run(cfg: PruneConfig, run_dir: str, force: bool = False) -> dict[str, Any]:
 
     settings = PruneSettings(pattern=pattern, rule=cfg.prune.threshold_rule, use_variant=cfg.prune.use_variant,
                              blocksize=cfg.prune.blocksize, percdamp=cfg.prune.percdamp)
-    masks: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, Any]] = {}
-    transposed: list[str] = []
-
-    def prune_linears(prefix: str, linears: dict[str, Any], groups: list[list[str]], stats: dict[str, Any]):
-        for group in groups:
-            stat = stats.get(group[0])
-            if method.statistic is not None and stat is None:
-                for name in group:  # never called in the forward: nothing to calibrate on
-                    layers[f"{prefix}.{name}.weight"] = {"skipped": "not called during calibration"}
-                    print(f"sparse-recover: warning: {prefix}.{name} was never called during calibration "
-                          "and is left dense", file=sys.stderr)
-                continue
-            mods = [linears[n] for n in group]
-            outcomes = method.fn([weight_2d(m).detach() for m in mods], stat.value if stat else None, settings)
-            for name, mod, res in zip(group, mods, outcomes):
-                with torch.no_grad():
-                    if res.weight is not None:
-                        w2 = weight_2d(mod)
-                        w2.copy_(res.weight.to(w2.dtype))
-                    weight_2d(mod).masked_fill_(~res.keep.to(mod.weight.device), 0)
-                key = f"{prefix}.{name}.weight"
-                keep = res.keep.to("cpu")
-                masks[key] = keep
-                if is_conv1d(mod):
-                    transposed.append(key)
-                layers[key] = {"shape": list(keep.shape), "kept": int(keep.sum()),
-                               "sparsity": round(1 - keep.float().mean().item(), 6), **res.info}
-
     with metered() as meter:
-        blocks_name, blocks = decoder_blocks(model)
-        bar = progress(len(blocks), f"prune {method.name} {pattern.name}")
-        try:
-            if method.statistic is None:
-                for i, block in enumerate(blocks):
-                    lin = prunable_linears(block)
-                    prune_linears(f"{blocks_name}.{i}", lin, [[n] for n in lin], {})
-                    bar.update(1)
-            else:
-                def process(ctx):
-                    prune_linears(ctx.prefix, ctx.linears, ctx.groups, ctx.stats)
-
-                layerwise(model, windows, process, statistic=method.statistic, device=device,
-                          offload=cfg.prune.offload, batch_size=calib.batch_size, propagate=cfg.prune.propagate,
-                          progress=lambda i: bar.update(1))
-        finally:
-            bar.close()
+        masks, layers, transposed = prune_model(model, method, settings, windows, device=device,
+                                                offload=cfg.prune.offload, batch_size=calib.batch_size,
+                                                propagate=cfg.prune.propagate)
         timing = meter.stop()
+    retried = [k for k, v in layers.items() if v.get("cholesky_retries")]
+    if retried:
+        print(f"sparse-recover: note: SparseGPT needed more damping on {len(retried)} linear(s) "
+              f"(e.g. {retried[0]}: damp {layers[retried[0]]['damp']:g}); recorded in the manifest", file=sys.stderr)
 
     total = sum(v["shape"][0] * v["shape"][1] for v in layers.values() if "shape" in v)
     kept = sum(v["kept"] for v in layers.values() if "shape" in v)
@@ -216,3 +175,67 @@ def run(cfg: PruneConfig, run_dir: str, force: bool = False) -> dict[str, Any]:
           f"in {format_seconds(timing['wall_time_s'])}, peak host memory {timing['peak_memory']['host_rss_mib']:.0f} MiB "
           f"-> {rd.path / 'prune'}")
     return entry
+
+
+def prune_model(model, method, settings, windows, *, device, offload: bool = False, batch_size: int = 1,
+                propagate: str = "pruned", show_progress: bool = True):
+    """Prune every linear of every decoder block in place; returns (masks, per-layer info, transposed names).
+
+    Knows nothing of run directories: the benchmark and the tests call it directly.
+    """
+    import torch
+
+    from sparse_recover.calibration import layerwise
+    from sparse_recover.models import decoder_blocks, is_conv1d, prunable_linears, weight_2d
+    from sparse_recover.runtime import progress
+
+    masks: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    transposed: list[str] = []
+
+    def prune_linears(prefix: str, linears: dict[str, Any], groups: list[list[str]], stats: dict[str, Any]):
+        for group in groups:
+            stat = stats.get(group[0])
+            if method.statistic is not None and stat is None:
+                for name in group:  # never called in the forward: nothing to calibrate on
+                    layers[f"{prefix}.{name}.weight"] = {"skipped": "not called during calibration"}
+                    print(f"sparse-recover: warning: {prefix}.{name} was never called during calibration "
+                          "and is left dense", file=sys.stderr)
+                continue
+            mods = [linears[n] for n in group]
+            for name, mod in zip(group, mods):
+                if not torch.isfinite(mod.weight).all():
+                    raise NumericalError(f"{prefix}.{name} has non-finite weights: refusing to prune it")
+            outcomes = method.fn([weight_2d(m).detach() for m in mods], stat.value if stat else None, settings)
+            for name, mod, res in zip(group, mods, outcomes):
+                with torch.no_grad():
+                    if res.weight is not None:
+                        w2 = weight_2d(mod)
+                        w2.copy_(res.weight.to(w2.dtype))
+                    weight_2d(mod).masked_fill_(~res.keep.to(mod.weight.device), 0)
+                key = f"{prefix}.{name}.weight"
+                keep = res.keep.to("cpu")
+                masks[key] = keep
+                if is_conv1d(mod):
+                    transposed.append(key)
+                layers[key] = {"shape": list(keep.shape), "kept": int(keep.sum()),
+                               "sparsity": round(1 - keep.float().mean().item(), 6), **res.info}
+
+    blocks_name, blocks = decoder_blocks(model)
+    bar = progress(len(blocks), f"prune {method.name} {settings.pattern.name}") if show_progress else None
+    tick = (lambda i: bar.update(1)) if bar is not None else None
+    try:
+        if method.statistic is None:  # data-free: no calibration pass at all
+            for i, block in enumerate(blocks):
+                lin = prunable_linears(block)
+                prune_linears(f"{blocks_name}.{i}", lin, [[n] for n in lin], {})
+                if tick:
+                    tick(i)
+        else:
+            layerwise(model, windows, lambda ctx: prune_linears(ctx.prefix, ctx.linears, ctx.groups, ctx.stats),
+                      statistic=method.statistic, device=device, offload=offload, batch_size=batch_size,
+                      propagate=propagate, progress=tick)
+    finally:
+        if bar is not None:
+            bar.close()
+    return masks, layers, transposed

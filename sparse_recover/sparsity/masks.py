@@ -21,13 +21,28 @@ def _argsort(score: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.sort(score, dim=dim, stable=True).indices
 
 
+def _prune_k_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of a 2-D score, mark the k lowest entries (ties broken by lower column index).
+
+    Equal to taking the first k indices of a stable ascending sort, but O(n) per row: the k-th
+    smallest value is the threshold, everything below it is pruned, and the remaining budget is
+    filled with the leftmost entries equal to the threshold.
+    """
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    k = min(k, score.shape[1])
+    thresh = torch.kthvalue(score, k, dim=1, keepdim=True).values
+    below = score < thresh
+    equal = score == thresh
+    room = k - below.sum(dim=1, keepdim=True)
+    return below | (equal & (torch.cumsum(equal, dim=1) <= room))
+
+
 def keep_per_row(score: torch.Tensor, n_prune: int) -> torch.Tensor:
     """Prune the `n_prune` lowest scores of every row (Wanda's comparison group)."""
-    keep = torch.ones_like(score, dtype=torch.bool)
-    if n_prune > 0:
-        idx = _argsort(score, dim=1)[:, :n_prune]
-        keep.scatter_(1, idx, False)
-    return keep
+    if n_prune <= 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    return ~_prune_k_lowest(score, n_prune)
 
 
 def keep_per_matrix(score: torch.Tensor, n_prune: int, rule: ThresholdRule = "exact") -> torch.Tensor:
@@ -41,12 +56,11 @@ def keep_per_matrix(score: torch.Tensor, n_prune: int, rule: ThresholdRule = "ex
     if rule == "reference":
         if n_prune >= flat.numel():
             return torch.zeros_like(score, dtype=torch.bool)
-        thresh = torch.sort(flat).values[n_prune]
+        thresh = torch.kthvalue(flat, n_prune + 1).values  # == sorted(flat)[n_prune]
         return ~(score <= thresh)
-    keep = torch.ones(flat.numel(), dtype=torch.bool, device=score.device)
-    if n_prune > 0:
-        keep[_argsort(flat, dim=0)[:n_prune]] = False
-    return keep.view_as(score)
+    if n_prune <= 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    return ~_prune_k_lowest(flat.unsqueeze(0), n_prune).view_as(score)
 
 
 def keep_nm(score: torch.Tensor, nm: NM) -> torch.Tensor:

@@ -93,3 +93,19 @@ def test_ties_break_deterministically_by_column():
 def test_nm_width_not_divisible():
     with pytest.raises(ConfigError):
         keep_nm(torch.rand(2, 6), NM(2, 4))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_linear_time_selection_equals_stable_sort_with_many_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randint(0, 7, (9, 40), generator=g).float()  # heavy ties, like 4-bit weights
+    for k in (0, 1, 13, 20, 39, 40):
+        keep = keep_per_row(score, k)
+        ref = torch.ones_like(keep)
+        if k:
+            ref.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], False)
+        assert torch.equal(keep, ref), k
+        keep = keep_per_matrix(score, k)
+        ref = torch.ones(score.numel(), dtype=torch.bool)
+        ref[torch.sort(score.flatten(), stable=True).indices[:k]] = False
+        assert torch.equal(keep, ref.view_as(score)), k
