@@ -60,6 +60,10 @@ def prune(
 
         get_method(method)
         parse_pattern(pattern, sparsity)
+        for flag, value, low in (("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2),
+                                 ("--calib-batch-size", calib_batch_size, 1), ("--blocksize", blocksize, 1)):
+            if value < low:
+                raise SparseRecoverError(f"{flag} must be at least {low}, got {value}")
     data = load_yaml(config) if config else {}
     given = {
         "model": {"model": model, "dtype": dtype, "device": device},

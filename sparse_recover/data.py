@@ -134,7 +134,8 @@ def _read_local(path: str) -> tuple[list[str], bool]:
 
 
 def is_local_path(source: str) -> bool:
-    return source.lower().endswith((".txt", ".json", ".jsonl")) or os.sep in source
+    """A file path rather than a source name: it exists, has a folder part or a file extension."""
+    return os.path.exists(os.path.expanduser(source)) or os.sep in source or "." in os.path.basename(source)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,6 +50,25 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _manifest_problem(data: Any) -> str | None:
+    """What makes `data` not a manifest of ours, or None."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    fmt = data.get("format", FORMAT_VERSION)
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        return f"'format' must be an integer, got {fmt!r}"
+    if "model" in data and not isinstance(data["model"], dict):
+        return "'model' must be an object"
+    for section in ("stages", "evals"):
+        value = data.get(section, {})
+        if not isinstance(value, dict):
+            return f"'{section}' must be an object"
+        for key, entry in value.items():
+            if not isinstance(entry, dict):
+                return f"'{section}.{key}' must be an object"
+    return None
+
+
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).expanduser()
@@ -82,8 +101,9 @@ class RunDir:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RunDirError(f"corrupted manifest {self.manifest_path}: {exc}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
-            raise RunDirError(f"corrupted manifest {self.manifest_path}: not a sparse-recover manifest")
+        problem = _manifest_problem(data)
+        if problem:
+            raise RunDirError(f"corrupted manifest {self.manifest_path}: {problem}")
         if data.get("format", FORMAT_VERSION) > FORMAT_VERSION:
             raise RunDirError(f"{self.manifest_path} was written by a newer sparse-recover (format {data['format']})")
         data.setdefault("stages", {})

@@ -19,6 +19,15 @@ def progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="block", disable=disable, file=sys.stderr, dynamic_ncols=True)
 
 
+def quiet_libraries() -> None:
+    """With SPARSE_RECOVER_NO_PROGRESS set, silence transformers' own progress bars too."""
+    if os.environ.get("SPARSE_RECOVER_NO_PROGRESS", "") not in ("", "0"):
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -23,8 +23,9 @@ def run(run_dir: str, stage: str, tasks: list[str], *, ppl_data: str = "auto", s
     from sparse_recover.evaluate.ppl import perplexity, tokenize_text
     from sparse_recover.models import (ModelSource, load_model, load_tokenizer, resolve_device, resolve_dtype,
                                        resolve_model_source)
-    from sparse_recover.runtime import format_seconds, metered, progress, versions
+    from sparse_recover.runtime import format_seconds, metered, progress, quiet_libraries, versions
 
+    quiet_libraries()
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ConfigError(f"unknown task(s) {', '.join(unknown) or '(none)'}: available tasks are {', '.join(TASKS)}")

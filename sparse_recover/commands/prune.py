@@ -32,9 +32,15 @@ def resolve_calib_source(source: str, model_kind: str) -> str:
     return source
 
 
-def check_divisible(model, m: int) -> None:
+def check_divisible(hf_config, m: int) -> None:
+    """Every prunable input width must be a multiple of M; checked on a weightless (meta) model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from sparse_recover.models import decoder_blocks, in_features, prunable_linears
 
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
     name, blocks = decoder_blocks(model)
     for i, block in enumerate(blocks):
         for lname, mod in prunable_linears(block).items():
@@ -79,10 +85,11 @@ def run(cfg: PruneConfig, run_dir: str, force: bool = False) -> dict[str, Any]:
     from sparse_recover.models import (load_config, load_model, load_tokenizer, resolve_device, resolve_dtype,
                                        resolve_model_source)
     from sparse_recover.pruning import PruneSettings, get_method
-    from sparse_recover.runtime import format_seconds, metered, versions
+    from sparse_recover.runtime import format_seconds, metered, quiet_libraries, versions
     from sparse_recover.sparsity.io import MASKS_FILE, save_masks
     from sparse_recover.sparsity.patterns import NM
 
+    quiet_libraries()
     # ---- validate everything before touching the run directory
     rd = RunDir(run_dir)
     rd.check_location()
@@ -106,6 +113,8 @@ def run(cfg: PruneConfig, run_dir: str, force: bool = False) -> dict[str, Any]:
     hf_config = load_config(source)
     entry_model = model_entry(source, hf_config)
     rd.check_model(entry_model)
+    if isinstance(pattern, NM):
+        check_divisible(hf_config, pattern.m)
     calib = cfg.calib.model_copy(update={"source": resolve_calib_source(cfg.calib.source, source.kind)})
     tokenizer = load_tokenizer(source.path)
     windows = None
@@ -114,8 +123,6 @@ def run(cfg: PruneConfig, run_dir: str, force: bool = False) -> dict[str, Any]:
     if method.statistic is not None:
         windows, calib_meta, new_windows = load_or_sample_windows(rd, calib, tokenizer, tokenizer_identity(tokenizer))
     model = load_model(source, dtype=dtype)
-    if isinstance(pattern, NM):
-        check_divisible(model, pattern.m)
 
     settings = PruneSettings(pattern=pattern, rule=cfg.prune.threshold_rule, use_variant=cfg.prune.use_variant,
                              blocksize=cfg.prune.blocksize, percdamp=cfg.prune.percdamp)

@@ -319,11 +319,8 @@ CASES: list[Case] = [
     Case("sparsity-contradicts-2:4", fresh_prune("--sparsity", "0.6", "--pattern", "2:4"), CFG, ("0.6", "2:4")),
     # input width 64 is not divisible by M: refused, naming the layer. The 2:3 case tolerates other
     # stderr output before the error line; the 1:7 case holds the full one-line contract.
-    Case("width-not-divisible-2:3-names-layer", _nm_not_divisible("2:3"), CFG, ("model.layers.0.", "64", "M=3"),
-         strict_stderr=False),
-    Case("width-not-divisible-1:7-one-stderr-line", _nm_not_divisible("1:7"), CFG, ("model.layers.0.", "64", "M=7"),
-         xfail="transformers prints its 'Loading weights' progress bar on stderr before the error line, "
-               "although SPARSE_RECOVER_NO_PROGRESS=1"),
+    Case("width-not-divisible-2:3-names-layer", _nm_not_divisible("2:3"), CFG, ("model.layers.0.", "64", "M=3")),
+    Case("width-not-divisible-1:7-one-stderr-line", _nm_not_divisible("1:7"), CFG, ("model.layers.0.", "64", "M=7")),
     Case("device-cuda-prune", _device_cuda_prune, CFG, ("cuda",)),
     Case("device-cuda-eval", _device_cuda_eval, CFG, ("cuda",), needs_run=True),
     # ---- model sources
@@ -350,16 +347,11 @@ CASES: list[Case] = [
       for cmd in ("prune", "audit", "eval")],
     Case("manifest-truncated-eval", _corrupt("eval", _truncated), RUN, ("manifest",), needs_run=True),
     # valid JSON but not the shape of a manifest: still a one-line RunDirError, never a traceback
-    Case("manifest-format-string-audit", _corrupt("audit", _format_string), RUN, ("manifest",), needs_run=True,
-         xfail="RunDir.read compares a non-int 'format' with '>': TypeError traceback"),
-    Case("manifest-stage-entry-string-audit", _corrupt("audit", _stage_string), RUN, ("manifest",), needs_run=True,
-         xfail="RunDir.is_complete calls .get on a non-dict stage entry: AttributeError traceback"),
-    Case("manifest-model-string-prune", _corrupt("prune", _model_string), RUN, ("manifest",), needs_run=True,
-         xfail="commands/prune.py calls .get on a non-dict manifest 'model': AttributeError traceback"),
-    Case("manifest-model-string-eval", _corrupt("eval", _model_string), RUN, ("manifest",), needs_run=True,
-         xfail="commands/evaluate.py calls .get on a non-dict manifest 'model': AttributeError traceback"),
-    Case("manifest-evals-list-eval", _corrupt("eval", _evals_list), RUN, ("manifest",), needs_run=True,
-         xfail="commands/evaluate.py calls .get on a non-dict manifest 'evals': AttributeError traceback"),
+    Case("manifest-format-string-audit", _corrupt("audit", _format_string), RUN, ("manifest",), needs_run=True),
+    Case("manifest-stage-entry-string-audit", _corrupt("audit", _stage_string), RUN, ("manifest",), needs_run=True),
+    Case("manifest-model-string-prune", _corrupt("prune", _model_string), RUN, ("manifest",), needs_run=True),
+    Case("manifest-model-string-eval", _corrupt("eval", _model_string), RUN, ("manifest",), needs_run=True),
+    Case("manifest-evals-list-eval", _corrupt("eval", _evals_list), RUN, ("manifest",), needs_run=True),
 ]
 
 
