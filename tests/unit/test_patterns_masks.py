@@ -109,3 +109,20 @@ def test_linear_time_selection_equals_stable_sort_with_many_ties(seed):
         ref = torch.ones(score.numel(), dtype=torch.bool)
         ref[torch.sort(score.flatten(), stable=True).indices[:k]] = False
         assert torch.equal(keep, ref.view_as(score)), k
+
+
+def test_hub_calibration_sources_fail_closed_offline(monkeypatch):
+    """c4 / wikitext2 are real hub loaders: offline they fail with one clear DataError, never fall back."""
+    import time
+
+    from sparse_recover.data import calibration_corpus, evaluation_text
+    from sparse_recover.errors import DataError
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.perf_counter()
+    with pytest.raises(DataError, match="allenai/c4"):
+        calibration_corpus("c4")
+    with pytest.raises(DataError, match="wikitext-2-raw-v1"):
+        evaluation_text("wikitext2")
+    assert time.perf_counter() - t < 60
