@@ -90,6 +90,29 @@ def prune(
 
 
 @app.command()
+def dsnot(
+    run_dir: str = typer.Option(..., "--run-dir", help="Run directory with a completed prune stage."),
+    init: Optional[str] = typer.Option(None, "--init", help="recompute (default after magnitude/Wanda: the reference) | stored (default after SparseGPT)."),
+    targets: str = typer.Option("attn", "--targets", help="attn (reference default) | mlp | all"),
+    sign_check: bool = typer.Option(False, "--sign-check/--no-sign-check", help="Same-sign test in the unstructured path (the paper; the reference code skips it)."),
+    max_cycles: int = typer.Option(50, "--max-cycles", help="Swap cycles per layer."),
+    threshold: float = typer.Option(0.1, "--threshold", help="Stop a row when |error| <= threshold (absolute units)."),
+    pow_var_regrow: float = typer.Option(1.0, "--pow-var-regrow", help="Variance exponent of the growing criterion."),
+    calib_batch_size: int = typer.Option(1, "--calib-batch-size", help="Windows per forward call."),
+    offload: bool = typer.Option(False, "--offload", help="Keep the model on the CPU; only the current block on the device."),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    force: bool = typer.Option(False, "--force", help="Redo a completed stage."),
+):
+    """Refine the prune stage's masks with DSnoT (training-free prune-and-regrow) into RUN/dsnot."""
+    from sparse_recover.commands import dsnot as cmd
+
+    cmd.run(run_dir, init=init, targets=targets, sign_check=sign_check, max_cycles=max_cycles, threshold=threshold,
+            pow_var_regrow=pow_var_regrow, device=device, dtype=dtype, offload=offload, batch_size=calib_batch_size,
+            force=force)
+
+
+@app.command()
 def audit(
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory."),
     stage: List[str] = typer.Option([], "--stage", help="Stage(s) to audit (default: every checkpoint stage)."),
@@ -105,7 +128,7 @@ def audit(
 @app.command("eval")
 def eval_(
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory."),
-    stage: str = typer.Option("prune", "--stage", help="dense | prune"),
+    stage: str = typer.Option("prune", "--stage", help="dense | prune | dsnot"),
     tasks: str = typer.Option("ppl", "--tasks", help="Comma-separated tasks (this version: ppl)."),
     ppl_data: str = typer.Option("auto", "--ppl-data", help="wikitext2 | wiki-en | FILE (auto: wiki-en for built-in models, else wikitext2)."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Perplexity window length."),

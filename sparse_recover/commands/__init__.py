@@ -1,3 +1,3 @@
 """One module per command; each exposes `run(...)`. The CLI only parses options and calls them."""
 
-COMMANDS = ("prune", "audit", "eval")
+COMMANDS = ("prune", "dsnot", "audit", "eval")

@@ -27,7 +27,13 @@ def run(run_dir: str, stages: list[str] | None = None, as_json: bool = False, ve
         raise RunDirError(f"run directory {rd.path} has no completed checkpoint stage to audit: run `sparse-recover prune` first")
     results = {}
     for stage in present:
-        results[stage] = audit_checkpoint(rd.stage_dir(stage), manifest["stages"].get(stage))
+        entry = manifest["stages"].get(stage) or {}
+        reference = None
+        if entry.get("group") == "prune-rows" and rd.is_complete(entry.get("from", "prune")):
+            from sparse_recover.sparsity.io import MASKS_FILE, load_masks
+
+            reference, _ = load_masks(rd.stage_dir(entry.get("from", "prune")) / MASKS_FILE)
+        results[stage] = audit_checkpoint(rd.stage_dir(stage), entry, row_reference=reference)
     ok = all(r["ok"] for r in results.values())
     if as_json:
         print(json.dumps({"ok": ok, "stages": results}, indent=2))

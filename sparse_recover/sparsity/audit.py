@@ -67,8 +67,13 @@ def _budget_ok(keep: torch.Tensor, group: str, pattern) -> bool | None:
     return None
 
 
-def audit_checkpoint(folder: Path, stage_entry: dict[str, Any] | None) -> dict[str, Any]:
-    """Audit RUN/<stage>: returns a report with per-linear rows and a list of violations."""
+def audit_checkpoint(folder: Path, stage_entry: dict[str, Any] | None,
+                     row_reference: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Audit RUN/<stage>: returns a report with per-linear rows and a list of violations.
+
+    row_reference: masks of an earlier stage whose per-row kept counts this stage must preserve
+    (a refinement such as DSnoT from a stored mask, group "prune-rows").
+    """
     folder = Path(folder)
     report: dict[str, Any] = {"folder": str(folder), "layers": {}, "violations": []}
     masks_path = folder / MASKS_FILE
@@ -124,7 +129,10 @@ def audit_checkpoint(folder: Path, stage_entry: dict[str, Any] | None) -> dict[s
                 row["nm_bad_groups"] = bad
                 if bad:
                     report["violations"].append(f"{key}: {bad} groups break {pattern.name}")
-        budget = _budget_ok(keep, group, pattern) if pattern is not None else None
+        if group == "prune-rows" and row_reference is not None and key in row_reference:
+            budget = bool(torch.equal(keep.sum(dim=1), row_reference[key].sum(dim=1)))
+        else:
+            budget = _budget_ok(keep, group, pattern) if pattern is not None else None
         if budget is not None:
             row["budget_ok"] = budget
             if not budget:
