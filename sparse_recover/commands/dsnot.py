@@ -37,13 +37,11 @@ def run(run_dir: str, *, init: str | None = None, targets: str = "attn", sign_ch
         dtype: str = "auto", offload: bool = False, batch_size: int = 1, force: bool = False) -> dict[str, Any]:
     import torch
 
-    from sparse_recover.calibration import layerwise
     from sparse_recover.commands.prune import load_or_sample_windows, tokenizer_identity
     from sparse_recover.data import tensor_sha256
-    from sparse_recover.models import (is_conv1d, load_model, load_tokenizer, resolve_device,
-                                       resolve_dtype, resolve_model_source, weight_2d)
-    from sparse_recover.refine.dsnot import DSnoTSettings, dsnot_initial_keep, dsnot_refine
-    from sparse_recover.runtime import format_seconds, metered, progress, quiet_libraries, versions
+    from sparse_recover.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_source
+    from sparse_recover.refine.dsnot import DSnoTSettings
+    from sparse_recover.runtime import format_seconds, metered, quiet_libraries, versions
     from sparse_recover.sparsity.audit import CheckpointTensors
     from sparse_recover.sparsity.io import MASKS_FILE, load_masks, save_masks
     from sparse_recover.sparsity.patterns import NM, Unstructured, parse_pattern
@@ -104,66 +102,11 @@ def run(run_dir: str, *, init: str | None = None, targets: str = "attn", sign_ch
     settings = DSnoTSettings(max_cycles=max_cycles, threshold=threshold, pow_var_regrow=pow_var_regrow,
                              sign_check=sign_check)
 
-    masks: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, Any]] = {}
-    transposed: list[str] = []
-
-    def process(ctx) -> None:
-        for group in ctx.groups:
-            stat = ctx.stats.get(group[0])
-            for name in group:
-                mod = ctx.linears[name]
-                key = f"{ctx.prefix}.{name}.weight"
-                if key not in stored_masks:
-                    continue  # the prune stage left this linear dense (never called): so does DSnoT
-                if stat is None:
-                    raise RuntimeError(f"{key} was pruned but never called during the DSnoT pass")
-                dense = weight_2d(mod).detach()
-                if init == "recompute":
-                    metric = dense.abs().float() if prune_method == "magnitude" else None
-                    keep0 = dsnot_initial_keep(dense, stat.sq_norm, pattern, initial_metric=metric)
-                    base = dense
-                else:
-                    metric = None
-                    keep0 = stored_masks[key].to(dense.device)
-                    pruned_w = prune_tensors.get(key)
-                    pruned_w = (pruned_w.t() if is_conv1d(mod) else pruned_w).to(dense.device, dense.dtype)
-                    base = torch.where(keep0, pruned_w, dense)  # kept: prune-stage values; regrown: dense
-                info: dict[str, Any] = {"refined": targeted(name, targets)}
-                if info["refined"]:
-                    res = dsnot_refine(dense, keep0, stat.sq_norm, stat.sum, stat.var, pattern, settings,
-                                       initial_metric=metric)
-                    keep = res.keep
-                    info.update(swaps=res.swaps, error_before=res.error_before.mean_abs,
-                                error_after=res.error_after.mean_abs, error_sq_before=res.error_before.sum_sq,
-                                error_sq_after=res.error_after.sum_sq, cycles=res.cycles_run)
-                    if res.list_end_rows:
-                        info["list_end_rows"] = res.list_end_rows
-                    if res.skipped_groups:
-                        info["skipped_groups"] = res.skipped_groups
-                else:
-                    keep = keep0
-                with torch.no_grad():
-                    weight_2d(mod).copy_(torch.where(keep, base, torch.zeros_like(base)))
-                keep_cpu = keep.to("cpu")
-                masks[key] = keep_cpu
-                if is_conv1d(mod):
-                    transposed.append(key)
-                changed = int((keep_cpu != stored_masks[key]).sum())
-                info.update(shape=list(keep_cpu.shape), kept=int(keep_cpu.sum()),
-                            sparsity=round(1 - keep_cpu.float().mean().item(), 6), changed_vs_prune=changed)
-                layers[key] = info
-
-    from sparse_recover.models import decoder_blocks
-
     with metered() as meter:
-        _, blocks = decoder_blocks(model)
-        bar = progress(len(blocks), f"dsnot {pattern.name} ({targets})")
-        try:
-            layerwise(model, windows, process, statistic="dsnot", device=dev, offload=offload,
-                      batch_size=batch_size, propagate="pruned", progress=lambda i: bar.update(1))
-        finally:
-            bar.close()
+        masks, layers, transposed = dsnot_model(
+            model, windows, pattern, settings, init=init, targets=targets, prune_method=prune_method,
+            stored_masks=stored_masks, prune_tensors=prune_tensors, device=dev, offload=offload,
+            batch_size=batch_size)
         timing = meter.stop()
 
     total = sum(v["shape"][0] * v["shape"][1] for v in layers.values())
@@ -222,3 +165,81 @@ def run(run_dir: str, *, init: str | None = None, targets: str = "attn", sign_ch
           f"{err_before:.4g} -> {err_after:.4g}, {overall:.2%} sparse, in {format_seconds(timing['wall_time_s'])} "
           f"-> {rd.path / 'dsnot'}", file=sys.stdout)
     return entry
+
+
+def dsnot_model(model, windows, pattern, settings, *, init: str, targets: str, prune_method: str,
+                stored_masks: dict[str, Any] | None, prune_tensors=None, device, offload: bool = False,
+                batch_size: int = 1, show_progress: bool = True):
+    """Refine the masks of every decoder linear in place on the DENSE `model`; returns
+    (masks, per-layer info, transposed names). Knows nothing of run directories.
+
+    stored_masks: the prune stage's masks (which linears were pruned; the initial masks when
+    init == "stored"); None refines every linear from a recomputed initial mask. prune_tensors: the prune checkpoint's tensors (kept values when "stored").
+    """
+    import torch
+
+    from sparse_recover import refine
+    from sparse_recover.calibration import layerwise
+    from sparse_recover.models import decoder_blocks, is_conv1d, weight_2d
+    from sparse_recover.runtime import progress
+
+    masks: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    transposed: list[str] = []
+
+    def process(ctx) -> None:
+        for group in ctx.groups:
+            stat = ctx.stats.get(group[0])
+            for name in group:
+                mod = ctx.linears[name]
+                key = f"{ctx.prefix}.{name}.weight"
+                if stored_masks is not None and key not in stored_masks:
+                    continue  # the prune stage left this linear dense (never called): so does DSnoT
+                if stat is None:
+                    raise RuntimeError(f"{key} was pruned but never called during the DSnoT pass")
+                dense = weight_2d(mod).detach()
+                if init == "recompute":
+                    metric = dense.abs().float() if prune_method == "magnitude" else None
+                    keep0 = refine.dsnot_initial_keep(dense, stat.sq_norm, pattern, initial_metric=metric)
+                    base = dense
+                else:
+                    metric = None
+                    keep0 = stored_masks[key].to(dense.device)
+                    pruned_w = prune_tensors.get(key)
+                    pruned_w = (pruned_w.t() if is_conv1d(mod) else pruned_w).to(dense.device, dense.dtype)
+                    base = torch.where(keep0, pruned_w, dense)  # kept: prune-stage values; regrown: dense
+                info: dict[str, Any] = {"refined": targeted(name, targets)}
+                if info["refined"]:
+                    res = refine.dsnot_refine(dense, keep0, stat.sq_norm, stat.sum, stat.var, pattern, settings,
+                                              initial_metric=metric)
+                    keep = res.keep
+                    info.update(swaps=res.swaps, error_before=res.error_before.mean_abs,
+                                error_after=res.error_after.mean_abs, error_sq_before=res.error_before.sum_sq,
+                                error_sq_after=res.error_after.sum_sq, cycles=res.cycles_run)
+                    if res.list_end_rows:
+                        info["list_end_rows"] = res.list_end_rows
+                    if res.skipped_groups:
+                        info["skipped_groups"] = res.skipped_groups
+                else:
+                    keep = keep0
+                with torch.no_grad():
+                    weight_2d(mod).copy_(torch.where(keep, base, torch.zeros_like(base)))
+                keep_cpu = keep.to("cpu")
+                masks[key] = keep_cpu
+                if is_conv1d(mod):
+                    transposed.append(key)
+                info.update(shape=list(keep_cpu.shape), kept=int(keep_cpu.sum()),
+                            sparsity=round(1 - keep_cpu.float().mean().item(), 6))
+                if stored_masks is not None:
+                    info["changed_vs_prune"] = int((keep_cpu != stored_masks[key].to(torch.bool)).sum())
+                layers[key] = info
+
+    _, blocks = decoder_blocks(model)
+    bar = progress(len(blocks), f"dsnot {pattern.name} ({targets})") if show_progress else None
+    try:
+        layerwise(model, windows, process, statistic="dsnot", device=device, offload=offload,
+                  batch_size=batch_size, propagate="pruned", progress=(lambda i: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return masks, layers, transposed
