@@ -42,9 +42,11 @@ test-all: setup
 demo: setup
 	$(CLI) prune --model smollm2-135m --method wanda --pattern 2:4 --calib wiki-en \
 		--nsamples $(DEMO_N) --seqlen $(DEMO_L) --run-dir $(RUN)
+	$(CLI) dsnot --run-dir $(RUN)
 	$(CLI) audit --run-dir $(RUN)
 	$(CLI) eval --run-dir $(RUN) --stage dense --tasks ppl --seqlen $(DEMO_L) --limit $(DEMO_N)
 	$(CLI) eval --run-dir $(RUN) --stage prune --tasks ppl --seqlen $(DEMO_L) --limit $(DEMO_N)
+	$(CLI) eval --run-dir $(RUN) --stage dsnot --tasks ppl --seqlen $(DEMO_L) --limit $(DEMO_N)
 
 bench: setup
 	$(PY) scripts/bench_prune.py
