@@ -13,7 +13,6 @@ reference's `--skip_layer mlp`), and the unstructured path skips the same-sign t
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 from sparse_recover.errors import ConfigError, RunDirError
@@ -35,15 +34,13 @@ def targeted(name: str, targets: str) -> bool:
 def run(run_dir: str, *, init: str | None = None, targets: str = "attn", sign_check: bool = False,
         max_cycles: int = 50, threshold: float = 0.1, pow_var_regrow: float = 1.0, device: str = "auto",
         dtype: str = "auto", offload: bool = False, batch_size: int = 1, force: bool = False) -> dict[str, Any]:
-    import torch
-
-    from sparse_recover.commands.prune import load_or_sample_windows, tokenizer_identity
+    from sparse_recover.commands.prune import commit_stage, load_or_sample_windows, tokenizer_identity
     from sparse_recover.data import tensor_sha256
     from sparse_recover.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_source
     from sparse_recover.refine.dsnot import DSnoTSettings
     from sparse_recover.runtime import format_seconds, metered, quiet_libraries, versions
     from sparse_recover.sparsity.audit import CheckpointTensors
-    from sparse_recover.sparsity.io import MASKS_FILE, load_masks, save_masks
+    from sparse_recover.sparsity.io import MASKS_FILE, load_masks
     from sparse_recover.sparsity.patterns import NM, Unstructured, parse_pattern
 
     quiet_libraries()
@@ -141,26 +138,9 @@ def run(run_dir: str, *, init: str | None = None, targets: str = "attn", sign_ch
         "sparsity": {"target": pattern.sparsity, "overall": round(overall, 6), "linears": len(masks), "layers": layers},
         **timing,
     }
-    with rd.staging(*(["dsnot", "calib"] if new_windows else ["dsnot"])) as tmps:
-        out = tmps[0]
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        entry["masks_sha256"] = save_masks(Path(out) / MASKS_FILE, masks, transposed=transposed, pattern=pattern.name)
-        if new_windows:
-            from safetensors.torch import save_file
-
-            save_file({"windows": windows.contiguous()}, str(Path(tmps[1]) / "windows.safetensors"), metadata=calib_meta)
-    data = rd.read()
-    data["stages"]["dsnot"] = entry
-    rd.write(data)
-    log_path = rd.path / "logs" / "dsnot.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as fh:
-        import json
-
-        fh.write(f"[{entry['finished']}] dsnot {pattern.describe()} init={init} targets={targets} sign_check={sign_check}\n")
-        for key, info in layers.items():
-            fh.write(f"  {key}: {json.dumps(info, default=str)}\n")
+    commit_stage(rd, "dsnot", entry, model, tokenizer, masks, transposed, pattern,
+                 windows=windows if new_windows else None, calib_meta=calib_meta,
+                 log_header=f"dsnot {pattern.describe()} init={init} targets={targets} sign_check={sign_check}")
     print(f"dsnot: {swaps} swaps over {len(refined)} refined linears ({targets}, init {init}), mean |error| "
           f"{err_before:.4g} -> {err_after:.4g}, {overall:.2%} sparse, in {format_seconds(timing['wall_time_s'])} "
           f"-> {rd.path / 'dsnot'}", file=sys.stdout)

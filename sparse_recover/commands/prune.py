@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_recover.config import PruneConfig
-from sparse_recover.errors import ConfigError, NumericalError, RunDirError
+from sparse_recover.errors import ConfigError, NumericalError
 from sparse_recover.rundir import RunDir, now
 
 log = logging.getLogger("sparse_recover")
@@ -79,14 +79,11 @@ def tokenizer_identity(tokenizer) -> str:
 
 
 def run(cfg: PruneConfig, run_dir: str, force: bool = False) -> dict[str, Any]:
-    import torch
-
     from sparse_recover.data import tensor_sha256
     from sparse_recover.models import (load_config, load_model, load_tokenizer, resolve_device, resolve_dtype,
                                        resolve_model_source)
     from sparse_recover.pruning import PruneSettings, get_method
     from sparse_recover.runtime import format_seconds, metered, quiet_libraries, versions
-    from sparse_recover.sparsity.io import MASKS_FILE, save_masks
     from sparse_recover.sparsity.patterns import NM
 
     quiet_libraries()
@@ -158,26 +155,9 @@ def run(cfg: PruneConfig, run_dir: str, force: bool = False) -> dict[str, Any]:
                      "layers": layers},
         **timing,
     }
-    with rd.staging(*(["prune", "calib"] if new_windows else ["prune"])) as tmps:
-        out = tmps[0]
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        entry["masks_sha256"] = save_masks(Path(out) / MASKS_FILE, masks, transposed=transposed, pattern=pattern.name)
-        if new_windows:
-            from safetensors.torch import save_file
-
-            save_file({"windows": windows.contiguous()}, str(Path(tmps[1]) / "windows.safetensors"),
-                      metadata=calib_meta)
-    log_path = rd.path / "logs" / "prune.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as fh:
-        fh.write(f"[{started}] prune {method.name} {pattern.describe()} on {source.spec}\n")
-        for key, info in layers.items():
-            fh.write(f"  {key}: {json.dumps(info, default=str)}\n")
-    data = rd.read()
-    data["model"] = entry_model
-    data["stages"]["prune"] = entry
-    rd.write(data)
+    commit_stage(rd, "prune", entry, model, tokenizer, masks, transposed, pattern,
+                 windows=windows if new_windows else None, calib_meta=calib_meta,
+                 log_header=f"prune {method.name} {pattern.describe()} on {source.spec}", model_entry=entry_model)
     print(f"prune: {method.name} {pattern.describe()} on {source.spec}: {overall:.2%} sparse over {len(masks)} linears "
           f"in {format_seconds(timing['wall_time_s'])}, peak host memory {timing['peak_memory']['host_rss_mib']:.0f} MiB "
           f"-> {rd.path / 'prune'}")
@@ -246,3 +226,34 @@ def prune_model(model, method, settings, windows, *, device, offload: bool = Fal
         if bar is not None:
             bar.close()
     return masks, layers, transposed
+
+
+def commit_stage(rd: RunDir, stage: str, entry: dict[str, Any], model, tokenizer, masks, transposed, pattern, *,
+                 windows=None, calib_meta: dict[str, Any] | None = None, log_header: str = "",
+                 model_entry: dict[str, Any] | None = None) -> None:
+    """Write RUN/<stage> (checkpoint, tokenizer, masks) and, when given, RUN/calib atomically; then the
+    manifest entry and the stage log. Shared by every stage that produces a sparse checkpoint."""
+    from safetensors.torch import save_file
+
+    from sparse_recover.sparsity.io import MASKS_FILE, save_masks
+
+    names = [stage, "calib"] if windows is not None else [stage]
+    with rd.staging(*names) as tmps:
+        model.save_pretrained(tmps[0])
+        tokenizer.save_pretrained(tmps[0])
+        entry["masks_sha256"] = save_masks(Path(tmps[0]) / MASKS_FILE, masks, transposed=transposed,
+                                           pattern=pattern.name)
+        if windows is not None:
+            save_file({"windows": windows.contiguous()}, str(Path(tmps[1]) / "windows.safetensors"),
+                      metadata=calib_meta or {})
+    data = rd.read()
+    if model_entry is not None:
+        data["model"] = model_entry
+    data["stages"][stage] = entry
+    rd.write(data)
+    log_path = rd.path / "logs" / f"{stage}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as fh:
+        fh.write(f"[{entry.get('finished', now())}] {log_header}\n")
+        for key, info in entry.get("sparsity", {}).get("layers", {}).items():
+            fh.write(f"  {key}: {json.dumps(info, default=str)}\n")
