@@ -129,23 +129,28 @@ def audit(
 def eval_(
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory."),
     stage: str = typer.Option("prune", "--stage", help="dense | prune | dsnot"),
-    tasks: str = typer.Option("ppl", "--tasks", help="Comma-separated tasks (this version: ppl)."),
+    tasks: str = typer.Option("ppl", "--tasks", help="Comma-separated: ppl, zeroshot (7 tasks, acc), mmlu (5-shot), "
+                              "wiki-suite (offline), or any lm-eval task name."),
     ppl_data: str = typer.Option("auto", "--ppl-data", help="wikitext2 | wiki-en | FILE (auto: wiki-en for built-in models, else wikitext2)."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Perplexity window length."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N windows."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward call."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N perplexity windows / N examples per lm-eval task."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="auto or an integer (perplexity: windows per call)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local copies of the standard tasks (DATA_DIR/<task>/<split>.jsonl)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Override the n-shot of every lm-eval task."),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
     force: bool = typer.Option(False, "--force", help="Measure again even if the result exists."),
 ):
-    """Evaluate a stage of a run directory (WikiText-2-protocol perplexity)."""
+    """Evaluate a stage of a run directory: perplexity and lm-eval tasks."""
     from sparse_recover.commands import evaluate as cmd
     from sparse_recover.errors import ConfigError
 
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if batch_size != "auto":
+        if not batch_size.isdigit() or int(batch_size) < 1:
+            raise ConfigError(f"--batch-size must be auto or a positive integer, got {batch_size!r}")
     cmd.run(run_dir, stage, [t.strip() for t in tasks.split(",") if t.strip()], ppl_data=ppl_data, seqlen=seqlen,
-            limit=limit, batch_size=batch_size, device=device, dtype=dtype, force=force)
+            limit=limit, batch_size=batch_size if batch_size == "auto" else int(batch_size), device=device,
+            dtype=dtype, force=force, data_dir=data_dir, num_fewshot=num_fewshot)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -302,8 +302,9 @@ def _plan(tasks: list[str] | str, *, data_dir: str | None, include_path: list[st
             for n in bad:
                 close = difflib.get_close_matches(n, pool, n=5, cutoff=0.6)
                 parts.append(f"{n!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            first = "".join(f"{e}, " for e in extra_names)
             raise ConfigError(
-                f"unknown task {'; '.join(parts)}: use zeroshot, mmlu, wiki-suite or an lm-eval task name"
+                f"unknown task {'; '.join(parts)}: use {first}zeroshot, mmlu, wiki-suite or an lm-eval task name"
             )
     names = [n for n in names if n not in extra_names or n in own or n in user]
     plan = _Plan(requested=names, include_path=list(include_path))

@@ -44,7 +44,7 @@ def test_dsnot_unstructured_reference_defaults(tiny_models, tmp_path, calib_file
         assert torch.equal(out[key][keep], dense[key][keep]) and (out[key][~keep] == 0).all()
     report = audit_cmd.run(str(run))
     assert report["dsnot"]["ok"] and report["prune"]["ok"]
-    res = eval_cmd.run(str(run), "dsnot", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=2)
+    res, = eval_cmd.run(str(run), "dsnot", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=2).values()
     assert res["ppl"] > 1
 
 

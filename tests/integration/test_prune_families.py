@@ -128,8 +128,8 @@ def test_failed_stage_leaves_run_dir_untouched(tiny_models, tmp_path, calib_file
 def test_eval_ppl_and_stage_dense(tiny_models, tmp_path, calib_file, eval_file):
     run = tmp_path / "run"
     prune(tiny_models["llama"], run, calib_file, "wanda", "unstructured", 0.5)
-    pruned = eval_cmd.run(str(run), "prune", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=4)
-    dense = eval_cmd.run(str(run), "dense", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=4)
+    pruned, = eval_cmd.run(str(run), "prune", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=4).values()
+    dense, = eval_cmd.run(str(run), "dense", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=4).values()
     assert pruned["windows"] == dense["windows"] == 4
     assert pruned["ppl"] > 1 and dense["ppl"] > 1
     saved = json.loads((run / "eval" / "prune.json").read_text())
@@ -147,3 +147,18 @@ def test_console_script_help_is_fast_and_lists_commands():
     probe = subprocess.run([sys.executable, "-c", "import sys, sparse_recover.cli; print('torch' in sys.modules)"],
                            capture_output=True, text=True)
     assert probe.stdout.strip() == "False"
+
+
+def test_eval_wiki_suite_and_ppl_in_one_call(tiny_models, tmp_path, calib_file, eval_file, capsys):
+    run = tmp_path / "run"
+    prune(tiny_models["llama"], run, calib_file, "wanda", "2:4")
+    res = eval_cmd.run(str(run), "prune", ["ppl", "wiki-suite"], ppl_data=str(eval_file), seqlen=64, limit=8,
+                       batch_size=4)
+    assert set(res) == {"ppl/" + str(eval_file) + "/64/limit8", "lm-eval/wiki-suite/limit8"}
+    suite = res["lm-eval/wiki-suite/limit8"]
+    assert 0 <= suite["groups"]["wiki-suite"]["acc"] <= 1
+    saved = json.loads((run / "eval" / "prune.json").read_text())
+    assert set(saved) == set(res)
+    again = eval_cmd.run(str(run), "prune", ["wiki-suite"], limit=8)
+    assert "already measured" in capsys.readouterr().out
+    assert again["lm-eval/wiki-suite/limit8"]["groups"] == suite["groups"]
