@@ -16,16 +16,9 @@ _THREADS = __import__("torch").get_num_threads()
 BOOLQ_PROMPT = "{{passage}}\nQuestion: {{question}}?\nAnswer:"
 ARC_PROMPT = "Question: {{question}}\nAnswer:"
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight concurrent work for the cores)."""
-    import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

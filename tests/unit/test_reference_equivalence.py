@@ -33,6 +33,8 @@ NSAMPLES = 8
 SEQLEN = 64
 CPU = torch.device("cpu")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # ==================================================================================================
 # Reference oracles (restated from the reference code)
@@ -360,13 +362,6 @@ def model_weights(model) -> dict[str, torch.Tensor]:
 # Fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and does not thrash a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
