@@ -10,8 +10,12 @@ import os
 import sys
 from typing import List, Optional
 
-import click
 import typer
+
+try:  # typer >= 0.20 vendors click as typer._click; older typer uses the click package
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
 
 from sparse_recover.errors import SparseRecoverError
 
@@ -28,6 +32,7 @@ app = typer.Typer(
 
 @app.command()
 def prune(
+    ctx: typer.Context,
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory (created if missing)."),
     model: Optional[str] = typer.Option(None, "--model", help="HF id, local folder, or built-in alias (smollm2-135m, gemma3-270m)."),
     method: str = typer.Option("wanda", "--method", help="magnitude | wanda | sparsegpt"),
@@ -73,9 +78,11 @@ def prune(
                   "propagate": propagate, "offload": offload},
     }
     if config:  # the file wins over defaults; explicitly typed options win over the file
-        ctx = typer.get_current_context()
-        explicit = {k for k, v in ctx.params.items()
-                    if ctx.get_parameter_source(k) not in (None, click.core.ParameterSource.DEFAULT)}
+        explicit = set()
+        for name in ctx.params:
+            src = ctx.get_parameter_source(name)
+            if src is not None and getattr(src, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP"):
+                explicit.add(name)
         option_of = {"model": "model", "dtype": "dtype", "device": "device", "source": "calib", "nsamples": "nsamples",
                      "seqlen": "seqlen", "seed": "seed", "batch_size": "calib_batch_size"}
         given = {sec: {k: v for k, v in vals.items() if option_of.get(k, k) in explicit} for sec, vals in given.items()}
@@ -161,13 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     except SparseRecoverError as exc:
         print(f"sparse-recover: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click.exceptions.ClickException as exc:
+    except click_exceptions.ClickException as exc:
         print(f"sparse-recover: error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click_exceptions.Abort:
         print("sparse-recover: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.exceptions.Exit as exc:
+    except click_exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("sparse-recover: interrupted; completed stages are intact", file=sys.stderr)

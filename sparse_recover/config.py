@@ -100,12 +100,39 @@ def validate(cls: type[BaseModel], data: dict[str, Any]) -> Any:
         raise ConfigError(f"invalid configuration: {_format_errors(exc)}") from None
 
 
+def _yaml_loader():
+    """SafeLoader without YAML 1.1 sexagesimal integers, so `pattern: 2:4` stays the string "2:4"
+    (PyYAML would otherwise read it as 2*60+4 = 124)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    int_tag = "tag:yaml.org,2002:int"
+    Loader.yaml_implicit_resolvers = {
+        key: [(tag, rx) for tag, rx in resolvers if tag != int_tag]
+        for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(
+        int_tag, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+        list("-+0123456789"))
+    return Loader
+
+
+def yaml_load(text_or_stream):
+    import yaml
+
+    return yaml.load(text_or_stream, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            data = yaml_load(fh) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
@@ -117,8 +144,6 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides; values are parsed as YAML scalars."""
-    import yaml
-
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -129,7 +154,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = yaml_load(raw) if raw.strip() else None
     return data
 
 

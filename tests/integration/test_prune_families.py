@@ -162,3 +162,19 @@ def test_eval_wiki_suite_and_ppl_in_one_call(tiny_models, tmp_path, calib_file, 
     again = eval_cmd.run(str(run), "prune", ["wiki-suite"], limit=8)
     assert "already measured" in capsys.readouterr().out
     assert again["lm-eval/wiki-suite/limit8"]["groups"] == suite["groups"]
+
+
+def test_cli_config_file_set_and_usage_errors(tiny_models, tmp_path, calib_file):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {{model: {tiny_models['llama']}, device: cpu}}\n"
+                   f"calib: {{source: {calib_file}, nsamples: 2, seqlen: 32}}\n"
+                   "prune: {method: wanda, pattern: 2:4}\n")
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "sparse_recover", "prune", "--config", str(cfg), "--run-dir", str(run),
+                          "--set", "prune.pattern=4:8", "--method", "magnitude"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    stage = json.loads((run / "manifest.json").read_text())["stages"]["prune"]
+    assert stage["pattern"] == "4:8" and stage["method"] == "magnitude"  # --set and typed options win
+    assert stage["config"]["calib"]["nsamples"] == 2  # the file wins over defaults
+    usage = subprocess.run([sys.executable, "-m", "sparse_recover", "prune", "--model", "x"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr and "--run-dir" in usage.stderr

@@ -126,3 +126,17 @@ def test_hub_calibration_sources_fail_closed_offline(monkeypatch):
     with pytest.raises(DataError, match="wikitext-2-raw-v1"):
         evaluation_text("wikitext2")
     assert time.perf_counter() - t < 60
+
+
+def test_yaml_keeps_nm_patterns_as_strings(tmp_path):
+    from sparse_recover.config import PruneConfig, apply_overrides, load_yaml, validate
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {model: m}\nprune: {method: wanda, pattern: 2:4}\ncalib: {nsamples: 8, seqlen: 64}\n")
+    data = load_yaml(str(path))
+    assert data["prune"]["pattern"] == "2:4" and data["calib"]["nsamples"] == 8
+    data = apply_overrides(data, ["prune.pattern=4:8", "calib.seed=3", "prune.percdamp=0.1"])
+    cfg = validate(PruneConfig, data)
+    assert cfg.prune.pattern == "4:8" and cfg.calib.seed == 3 and cfg.prune.percdamp == 0.1
+    with pytest.raises(ConfigError, match="prune.patern: unknown key"):
+        validate(PruneConfig, {"model": {"model": "m"}, "prune": {"patern": "2:4"}})
