@@ -79,6 +79,91 @@ class PruneConfig(Section):
     prune: PruneSection
 
 
+FINETUNE_METHODS = ("spp", "lors", "lora-remask", "sqft")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class FinetuneSection(Section):
+    """Sparsity-preserving fine-tuning. `None` means the method's reference default (see README)."""
+
+    method: str = "lors"
+    from_stage: Literal["auto", "prune", "dsnot"] = Field("auto", description="auto: dsnot if present, else prune")
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS),
+                               description="module-name suffixes to adapt (peft's target_modules)")
+    rank: int = Field(16, ge=1)
+    lora_alpha: float | None = Field(None, gt=0, description="default: rank")
+    scaling: float | None = Field(None, description="explicit branch scale; default per method: spp 2, "
+                                  "lors alpha/sqrt(r), lora-remask and sqft alpha/r")
+    dropout: float | None = Field(None, ge=0, lt=1, description="default: spp 0.05, others 0")
+    exact_grad: bool = Field(False, description="LoRS: exact masked gradient instead of the reference's "
+                             "straight-through rule")
+    ga_init: bool = Field(True, description="LoRS: gradient-based init of the adapters")
+    init_samples: int = Field(128, ge=1, description="LoRS: training examples for the gradient init")
+    data: str = Field("wiki-en", description="wiki-en, alpaca, alpaca-gpt4, slimpajama, or a local "
+                      ".json/.jsonl (instructions) or .txt (text) file")
+    data_format: Literal["auto", "instruct", "text"] = "auto"
+    seqlen: int = Field(512, ge=8, description="cutoff length (instructions) or block size (text)")
+    train_on_inputs: bool = True
+    val_size: int | None = Field(None, ge=0, description="held-out examples/blocks; default min(2000 | 1024, 10%)")
+    max_train_samples: int | None = Field(None, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(16, ge=1, description="global batch (sequences per optimizer step)")
+    micro_batch_size: int = Field(4, ge=1, description="sequences per forward on one process")
+    lr: float | None = Field(None, gt=0, description="default: spp 4e-3, lors 2e-5, lora-remask/sqft 2e-4")
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.001, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    eval_every: int = Field(200, ge=1, description="evaluation loss every N optimizer steps")
+    eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches per evaluation")
+    save_every: int = Field(200, ge=1, description="resumable checkpoint every N optimizer steps")
+    log_every: int = Field(10, ge=1)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        key = v.strip().lower()
+        if key not in FINETUNE_METHODS:
+            raise ValueError(f"unknown finetune method {v!r}: choose one of {', '.join(FINETUNE_METHODS)}")
+        return key
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v or any(not t.strip() for t in v):
+            raise ValueError("targets must be a non-empty list of module-name suffixes")
+        return [t.strip() for t in v]
+
+    @model_validator(mode="after")
+    def _batches(self) -> "FinetuneSection":
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}")
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """Method defaults filled in: the values training actually uses."""
+        import math
+
+        alpha = self.lora_alpha if self.lora_alpha is not None else float(self.rank)
+        if self.scaling is not None:
+            scaling = self.scaling
+        elif self.method == "spp":
+            scaling = 2.0
+        elif self.method == "lors":
+            scaling = alpha / math.sqrt(self.rank)
+        else:
+            scaling = alpha / self.rank
+        lr = self.lr if self.lr is not None else {"spp": 4e-3, "lors": 2e-5}.get(self.method, 2e-4)
+        dropout = self.dropout if self.dropout is not None else (0.05 if self.method == "spp" else 0.0)
+        return {**self.model_dump(), "lora_alpha": alpha, "scaling": scaling, "lr": lr, "dropout": dropout}
+
+
 def _format_errors(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -166,3 +251,7 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Pipeline (`sparse-recover run`) sections live below this line.
