@@ -1,0 +1,106 @@
+"""Putting adapters into a model and taking them out again (the model-level half of peft's split)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from sparse_recover.adapters.base import AdapterSettings, SparseAdapter
+from sparse_recover.errors import ConfigError
+
+
+def find_targets(model: nn.Module, suffixes: list[str]) -> dict[str, nn.Module]:
+    """Prunable linears of the decoder blocks whose name ends with one of `suffixes` (peft-style)."""
+    from sparse_recover.models import decoder_blocks, prunable_linears
+
+    blocks_name, blocks = decoder_blocks(model)
+    candidates: dict[str, nn.Module] = {}
+    for i, block in enumerate(blocks):
+        for lname, mod in prunable_linears(block).items():
+            candidates[f"{blocks_name}.{i}.{lname}"] = mod
+    found: dict[str, nn.Module] = {}
+    unmatched = []
+    for suffix in suffixes:
+        hits = {n: m for n, m in candidates.items() if n == suffix or n.endswith("." + suffix)}
+        if not hits:
+            unmatched.append(suffix)
+        found.update(hits)
+    if unmatched:
+        available = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise ConfigError(f"target suffix(es) {', '.join(unmatched)} match no linear of the decoder blocks; "
+                          f"available: {', '.join(available)}")
+    return dict(sorted(found.items(), key=lambda kv: list(candidates).index(kv[0])))
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def check_targets(targets: dict[str, nn.Module], cls: type[SparseAdapter], rank: int) -> None:
+    from sparse_recover.models import weight_2d
+
+    problems = []
+    for name, mod in targets.items():
+        out_f, in_f = weight_2d(mod).shape
+        msg = cls.check_shape(int(out_f), int(in_f), rank)
+        if msg:
+            problems.append(f"{name}: {msg}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"{problems[0]}{more}: choose a smaller --rank")
+
+
+def attach_adapters(model: nn.Module, cls: type[SparseAdapter], masks: dict[str, torch.Tensor],
+                    settings: AdapterSettings, suffixes: list[str]) -> dict[str, SparseAdapter]:
+    """Wrap every targeted linear in `cls`; its keep mask is masks[<name>.weight] (all-keep if absent)."""
+    targets = find_targets(model, suffixes)
+    check_targets(targets, cls, settings.rank)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters: dict[str, SparseAdapter] = {}
+    for name, mod in targets.items():
+        adapter = cls(mod, masks.get(f"{name}.weight"), settings, name=name)
+        _set_module(model, name, adapter)
+        adapters[name] = adapter
+    return adapters
+
+
+def trainable_parameters(adapters: dict[str, SparseAdapter]) -> list[nn.Parameter]:
+    return [p for a in adapters.values() for p in a.adapter_parameters().values()]
+
+
+def adapter_state_dict(adapters: dict[str, SparseAdapter]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{pname}": p.detach().to("cpu").contiguous()
+            for name, a in adapters.items() for pname, p in a.adapter_parameters().items()}
+
+
+def load_adapter_state(adapters: dict[str, SparseAdapter], state: dict[str, torch.Tensor]) -> None:
+    expected = {f"{name}.{pname}": p for name, a in adapters.items() for pname, p in a.adapter_parameters().items()}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ConfigError(f"adapter weights do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for key, p in expected.items():
+            if tuple(state[key].shape) != tuple(p.shape):
+                raise ConfigError(f"adapter weight {key} has shape {tuple(state[key].shape)}, expected {tuple(p.shape)}")
+            p.copy_(state[key].to(device=p.device, dtype=p.dtype))
+
+
+def merge_adapters(adapters: dict[str, SparseAdapter], *, safe_merge: bool = True,
+                   remember: bool = False) -> dict[str, Any]:
+    """Merge every adapter; returns the largest |dW| at pruned positions over all (0.0 by construction)."""
+    worst = 0.0
+    for adapter in adapters.values():
+        worst = max(worst, adapter.merge(safe_merge=safe_merge, remember=remember))
+    return {"max_pruned_abs_delta": worst, "merged_linears": len(adapters)}
+
+
+def unload_adapters(model: nn.Module, adapters: dict[str, SparseAdapter]) -> None:
+    """Put the (merged or untouched) base linears back: a plain transformers model again."""
+    for name, adapter in adapters.items():
+        _set_module(model, name, adapter.base)
