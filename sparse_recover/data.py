@@ -268,3 +268,189 @@ def tensor_sha256(t) -> str:
     import torch
 
     return hashlib.sha256(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# fine-tuning data: Alpaca-style instructions and pretraining-style text blocks
+
+ALPACA_HUB = {"alpaca": "tatsu-lab/stanford_alpaca", "alpaca-gpt4": "vicgalle/alpaca-gpt4"}
+SLIMPAJAMA_HUB = "DKYoon/SlimPajama-6B"
+ALPACA_FIELDS = ("instruction", "input", "output")
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The Alpaca template (the SPP reference's templates/alpaca.json), without the response."""
+    if input_text:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+@dataclass
+class TrainingData:
+    """Tokenised fine-tuning examples: each is (input_ids, labels) with -100 where no loss is taken."""
+
+    name: str
+    kind: str  # "instruct" | "text"
+    train: list[tuple[list[int], list[int]]]
+    val: list[tuple[list[int], list[int]]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_instruction_rows(rows: list[Any], where: str) -> list[dict[str, str]]:
+    out = []
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: row {i} is not an object with instruction/input/output fields")
+        for key in ("instruction", "output"):
+            if not isinstance(row.get(key), str):
+                raise DataError(f"{where}: row {i} has no {key!r} field (Alpaca rows need instruction, "
+                                "optional input, output)")
+        if row.get("input") is not None and not isinstance(row.get("input"), str):
+            raise DataError(f"{where}: row {i} has a non-text 'input' field")
+        out.append({"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]})
+    return out
+
+
+def _read_rows(path: Path) -> list[Any]:
+    try:
+        if path.suffix.lower() == ".jsonl":
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"could not parse {path}: {exc}") from None
+    if isinstance(rows, dict):
+        rows = rows.get("data", rows.get("rows", rows.get("train")))
+    if not isinstance(rows, list):
+        raise DataError(f"{path} must hold a list of rows (or an object with a 'data' list)")
+    return rows
+
+
+def finetune_source(source: str, data_format: str = "auto") -> tuple[str, str, list[Any]]:
+    """(name, kind, raw items): instruction rows (dicts) or text documents (strings)."""
+    key = source.strip().lower()
+    if key == "wiki-en":
+        if data_format == "instruct":
+            raise DataError("wiki-en is text, not instructions: use data_format text (or auto)")
+        return "wiki-en", "text", wiki_en_part("train")
+    if key in ALPACA_HUB:
+        from datasets import load_dataset
+
+        repo = ALPACA_HUB[key]
+        ds = _hub_load(f"{key} ({repo})", lambda: load_dataset(repo, split="train"))
+        return repo, "instruct", _check_instruction_rows(list(ds), repo)
+    if key == "slimpajama":
+        from datasets import load_dataset
+
+        ds = _hub_load(f"SlimPajama ({SLIMPAJAMA_HUB})", lambda: load_dataset(SLIMPAJAMA_HUB, split="validation"))
+        return SLIMPAJAMA_HUB, "text", [t for t in ds["text"] if t.strip()]
+    if not is_local_path(source):
+        raise DataError(f"unknown fine-tuning data {source!r}: use wiki-en, alpaca, alpaca-gpt4, slimpajama, "
+                        "or a local .json/.jsonl (instructions or {\"text\": ...} rows) or .txt file")
+    path = Path(os.path.expanduser(source))
+    if not path.is_file():
+        raise DataError(f"data file not found: {source}")
+    name = str(path.resolve())
+    if path.suffix.lower() == ".txt":
+        if data_format == "instruct":
+            raise DataError(f"{source} is a text file, not instructions")
+        text = path.read_text(encoding="utf-8")
+        return name, "text", [text] if text.strip() else []
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        raise DataError(f"unsupported data file {source}: use .json, .jsonl or .txt")
+    rows = _read_rows(path)
+    kind = data_format
+    if kind == "auto":
+        first = rows[0] if rows else {}
+        kind = "instruct" if isinstance(first, dict) and "instruction" in first else "text"
+    if kind == "instruct":
+        return name, "instruct", _check_instruction_rows(rows, source)
+    docs = []
+    for i, row in enumerate(rows, start=1):
+        if isinstance(row, str):
+            docs.append(row)
+        elif isinstance(row, dict) and isinstance(row.get("text"), str):
+            docs.append(row["text"])
+        else:
+            raise DataError(f"{source}: row {i} has no 'text' field (text rows are strings or {{\"text\": ...}})")
+    return name, "text", docs
+
+
+def tokenize_instruction(tokenizer, row: dict[str, str], cutoff: int, train_on_inputs: bool):
+    """The SPP reference's tokenisation: truncate at `cutoff`, append EOS when there is room (the
+    reference does so despite add_eos_token=False), labels = input ids, or -100 over the prompt."""
+    full = alpaca_prompt(row["instruction"], row["input"]) + row["output"]
+    ids = tokenizer(full, truncation=True, max_length=cutoff)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and len(ids) < cutoff and (not ids or ids[-1] != eos):
+        ids = ids + [eos]
+    labels = list(ids)
+    if not train_on_inputs:
+        n_prompt = len(tokenizer(alpaca_prompt(row["instruction"], row["input"]), truncation=True,
+                                 max_length=cutoff)["input_ids"])
+        labels[:n_prompt] = [-100] * min(n_prompt, len(labels))
+    return ids, labels
+
+
+def text_blocks(tokenizer, docs: list[str], block: int, max_blocks: int | None = None) -> list[list[int]]:
+    """Tokenise each document, append EOS, concatenate, cut into `block`-token blocks (remainder dropped)."""
+    eos = tokenizer.eos_token_id
+    blocks: list[list[int]] = []
+    buf: list[int] = []
+    batch = 256
+    for start in range(0, len(docs), batch):
+        for ids in tokenizer(docs[start : start + batch], add_special_tokens=True)["input_ids"]:
+            buf.extend(ids)
+            if eos is not None:
+                buf.append(eos)
+        while len(buf) >= block:
+            blocks.append(buf[:block])
+            buf = buf[block:]
+        if max_blocks is not None and len(blocks) >= max_blocks:
+            return blocks[:max_blocks]
+    return blocks
+
+
+def training_data(source: str, tokenizer, *, data_format: str = "auto", seqlen: int = 512,
+                  train_on_inputs: bool = True, val_size: int | None = None, seed: int = 42,
+                  max_train_samples: int | None = None) -> TrainingData:
+    """Load, tokenise and split fine-tuning data. The split is a seeded shuffle (the reference's
+    train_test_split(shuffle=True, seed)): the first `val_size` items are held out, the rest train
+    in shuffled order (LoRS's gradient init reads the first training items)."""
+    import torch
+
+    name, kind, items = finetune_source(source, data_format)
+    if not items:
+        raise DataError(f"fine-tuning data {name} is empty")
+    if kind == "instruct":
+        examples = [tokenize_instruction(tokenizer, row, seqlen, train_on_inputs) for row in items]
+        examples = [(ids, lab) for ids, lab in examples if any(t != -100 for t in lab[1:])]
+    else:
+        cap = None
+        if max_train_samples is not None:
+            cap = max_train_samples + (val_size if val_size is not None else max(1, max_train_samples // 9))
+        examples = [(b, list(b)) for b in text_blocks(tokenizer, items, seqlen, max_blocks=cap)]
+    if len(examples) < 2:
+        raise DataError(f"fine-tuning data {name} has {len(examples)} usable example(s) after tokenising and "
+                        f"filtering (seqlen {seqlen}): need at least 2 (one to train, one to validate)")
+    n = len(examples)
+    if val_size is None:
+        val_size = min(2000 if kind == "instruct" else 1024, max(1, n // 10))
+    if val_size >= n:
+        raise DataError(f"val_size {val_size} leaves no training examples out of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val = [examples[i] for i in order[:val_size]]
+    train = [examples[i] for i in order[val_size:]]
+    if max_train_samples is not None:
+        train = train[:max_train_samples]
+    return TrainingData(name=name, kind=kind, train=train, val=val,
+                        info={"source": name, "kind": kind, "examples": n, "train": len(train), "val": len(val),
+                              "seqlen": seqlen, "train_on_inputs": train_on_inputs, "split_seed": seed})
