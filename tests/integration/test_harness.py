@@ -100,6 +100,27 @@ def _hand_written(data_dir: Path) -> list[dict]:
     ]
 
 
+def stock_lm_eval_cli(checkpoint: Path, data_dir: Path, tmp_path: Path) -> dict:
+    """Results of the stock `lm_eval` command line (its legacy form: `lm_eval --model hf ...`) on a saved
+    checkpoint, with the hand-written task YAMLs (boolq_local, arc_local) in an --include_path folder."""
+    import yaml
+
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    for cfg in _hand_written(data_dir):
+        (tasks_dir / f"{cfg['task']}.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    out_dir = tmp_path / "out"
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
+         f"pretrained={checkpoint},dtype=float32", "--tasks", "boolq_local,arc_local", "--include_path",
+         str(tasks_dir), "--device", "cpu", "--batch_size", "1", "--num_fewshot", "0", "--output_path", str(out_dir)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result_files = sorted(out_dir.rglob("results_*.json"))
+    assert result_files, proc.stdout[-2000:]
+    return json.loads(result_files[-1].read_text())["results"]
+
+
 def test_data_dir_equals_stock_lm_eval(llama, data_dir):
     model, tok, _ = llama
     ours = run_lm_eval(model, tok, ["boolq", "arc_easy"], data_dir=str(data_dir), batch_size=1)
@@ -203,24 +224,9 @@ def test_hub_task_offline_is_one_clear_data_error(llama, monkeypatch):
 
 @pytest.mark.slow
 def test_data_dir_equals_stock_lm_eval_command_line(llama, data_dir, tmp_path):
-    """The stock `lm_eval run` CLI on the saved checkpoint and hand-written task YAMLs gives our numbers."""
-    import yaml
-
+    """The stock `lm_eval` command line on the saved checkpoint and hand-written task YAMLs gives our numbers."""
     model, tok, path = llama
-    tasks_dir = tmp_path / "tasks"
-    tasks_dir.mkdir()
-    for cfg in _hand_written(data_dir):
-        (tasks_dir / f"{cfg['task']}.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    out_dir = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={path},dtype=float32",
-         "--tasks", "boolq_local,arc_local", "--include_path", str(tasks_dir), "--device", "cpu",
-         "--batch_size", "1", "--num_fewshot", "0", "--output_path", str(out_dir)],
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result_files = sorted(out_dir.rglob("results_*.json"))
-    assert result_files, proc.stdout[-2000:]
-    cli = json.loads(result_files[-1].read_text())["results"]
+    cli = stock_lm_eval_cli(path, data_dir, tmp_path)
     ours = run_lm_eval(model, tok, ["boolq", "arc_easy"], data_dir=str(data_dir), batch_size=1)
     assert ours["tasks"]["boolq"]["acc"] == cli["boolq_local"]["acc,none"]
     assert ours["tasks"]["arc_easy"]["acc"] == cli["arc_local"]["acc,none"]

@@ -1,0 +1,92 @@
+"""`eval` on a stage of a real run directory: bad input at the command line (one line, the documented exit
+code, the results already measured left byte for byte), and zero-shot numbers for a stage equal to the
+stock `lm_eval` command line on the stage's checkpoint with the same local task files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sparse_recover.commands import evaluate as eval_cmd
+from sparse_recover.errors import ConfigError, DataError, RunDirError
+from tests.integration.test_cli_errors import assert_clean_error, run_cli, snapshot
+from tests.integration.test_harness import data_dir, stock_lm_eval_cli  # noqa: F401  (data_dir is a fixture)
+from tests.integration.test_prune_families import prune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def measured_run(tmp_path_factory, tiny_models, calib_file, eval_file):
+    """A Wanda 2:4 run of the tiny LLaMA whose prune stage already has a perplexity result."""
+    run = tmp_path_factory.mktemp("eval-run") / "RUN"
+    prune(tiny_models["llama"], run, calib_file, "wanda", "2:4")
+    eval_cmd.run(str(run), "prune", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=2, device="cpu")
+    assert (run / "eval" / "prune.json").is_file()
+    return run
+
+
+def _boolq_only(tmp_path: Path, data_dir: Path) -> Path:  # noqa: F811
+    folder = tmp_path / "local-tasks"
+    shutil.copytree(data_dir / "boolq", folder / "boolq")
+    return folder
+
+
+CASES = {
+    # id: (extra eval arguments (a callable of tmp_path, data_dir), exit code, needles)
+    "unknown-task-close-match": (lambda t, d: ["--tasks", "ppl,arc_easyy"], ConfigError.exit_code,
+                                 ("arc_easyy", "did you mean", "arc_easy")),
+    "unknown-group-close-match": (lambda t, d: ["--tasks", "wiki-suit"], ConfigError.exit_code,
+                                  ("wiki-suit", "wiki-suite")),
+    "stage-not-in-run": (lambda t, d: ["--stage", "merge"], RunDirError.exit_code,
+                         ("no completed merge stage", "sparse-recover merge")),
+    "stage-unknown": (lambda t, d: ["--stage", "final"], RunDirError.exit_code, ("final", "dense, prune")),
+    "data-dir-missing-file": (lambda t, d: ["--tasks", "boolq,arc_easy", "--data-dir", _boolq_only(t, d)],
+                              DataError.exit_code, ("arc_easy/test.jsonl", "arc_easy")),
+    "data-dir-not-a-folder": (lambda t, d: ["--tasks", "boolq", "--data-dir", t / "nowhere"], DataError.exit_code,
+                              ("nowhere", "not a folder")),
+    "hub-task-offline": (lambda t, d: ["--tasks", "arc_easy", "--limit", "2"], DataError.exit_code,
+                         ("arc_easy", "allenai/ai2_arc", "--data-dir", "wiki-suite")),
+}
+
+
+# These need lm-eval's whole task index (close matches, dataset names): about a minute each on a busy
+# 2-core machine, and test_harness.py checks the same messages in-process, so they run with -m slow.
+SLOW_CASES = ("unknown-task-close-match", "unknown-group-close-match", "hub-task-offline")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW_CASES else [])
+                                  for c in CASES])
+def test_eval_bad_input_leaves_results(case, measured_run, data_dir, tmp_path):  # noqa: F811
+    run = tmp_path / "RUN"
+    shutil.copytree(measured_run, run)
+    build, code, needles = CASES[case]
+    before = snapshot(run)
+    results_before = (run / "eval" / "prune.json").read_bytes()
+    res = run_cli(["eval", "--run-dir", run, "--stage", "prune", *build(tmp_path, data_dir)], tmp_path,
+                  tmp_path / "cache", env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    # lm-eval may log a warning of its own before our line when it builds its task index
+    assert_clean_error(res, code, needles, strict_stderr=case not in SLOW_CASES)
+    assert snapshot(run) == before
+    assert (run / "eval" / "prune.json").read_bytes() == results_before
+
+
+@pytest.mark.integration
+def test_stage_zero_shot_equals_stock_lm_eval_cli(measured_run, data_dir, tmp_path):  # noqa: F811
+    """`sparse-recover eval --stage prune --data-dir` gives the accuracies of `lm_eval --model hf
+    --model_args pretrained=RUN/prune` on the same rows with the stock prompts (hand-written YAMLs)."""
+    run = tmp_path / "RUN"
+    shutil.copytree(measured_run, run)
+    res = eval_cmd.run(str(run), "prune", ["boolq", "arc_easy"], data_dir=str(data_dir), batch_size=1, device="cpu")
+    ours, = res.values()
+    stored = json.loads((run / "eval" / "prune.json").read_text())
+    assert stored[next(k for k in stored if k.startswith("lm-eval/"))]["tasks"] == ours["tasks"]
+
+    cli = stock_lm_eval_cli(run / "prune", data_dir, tmp_path)
+    assert ours["tasks"]["boolq"]["n_samples"]["effective"] == 16
+    assert ours["tasks"]["boolq"]["acc"] == cli["boolq_local"]["acc,none"]
+    assert ours["tasks"]["arc_easy"]["acc"] == cli["arc_local"]["acc,none"]
+    assert ours["tasks"]["arc_easy"]["metrics"]["acc_norm"] == cli["arc_local"]["acc_norm,none"]
