@@ -160,6 +160,21 @@ def eval_(
             dtype=dtype, force=force, data_dir=data_dir, num_fewshot=num_fewshot)
 
 
+@app.command()
+def report(
+    runs: List[str] = typer.Argument(..., metavar="RUN", help="Run directories."),
+    fmt: str = typer.Option("md", "--format", help="md | csv | json"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Also write a PNG: perplexity and average accuracy by "
+                                       "stage, per-layer sparsity of the first run (needs matplotlib)."),
+    output: Optional[str] = typer.Option(None, "--output", help="Write the table to FILE instead of stdout."),
+):
+    """Table of every run and stage (method, sparsity, perplexity, task accuracies, training cost), read from
+    the manifests and eval files only."""
+    from sparse_recover.commands import report as cmd
+
+    cmd.run(runs, fmt=fmt, plot_path=plot, output=output)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and a documented exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
