@@ -11,8 +11,8 @@ Variants (same model, mask, sequence length, batch, rank, targets q/k/v/o/gate/u
   spp-naive   SPP with the (out, in) product repeat(alpha) * beta * W materialised through autograd
   spp         our SPP (custom autograd function, W' rebuilt in backward)
   lors        our LoRS (custom autograd function, rearranged adapter gradients)
-Each runs in its own child process: peak memory is that process's peak (host RSS on CPU, CUDA
-max_memory_allocated on GPU); step time is the median of the timed steps (forward + backward +
+Each runs in its own child process: peak memory is that process's peak (host RSS on CPU, with glibc
+told to map large blocks directly so freed transients leave RSS; CUDA max_memory_allocated on GPU); step time is the median of the timed steps (forward + backward +
 AdamW step) after warm-up. Targets: LoRS time <= 1.15x lora and <= 0.7x sqft; LoRS memory <= 1.05x
 lora; SPP memory <= 1.1x lora.
 """
@@ -192,7 +192,10 @@ def main() -> None:
     for variant in args.variants.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", variant] + [
             a for a in sys.argv[1:] if not a.startswith("--variants")]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        # large blocks straight from mmap and back on free: peak RSS then tracks live tensors, not the
+        # allocator's caching of freed transients
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
         if res.returncode or not line:
             print(f"{variant}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
