@@ -1,0 +1,87 @@
+"""The training loop's pure parts: schedules, the deterministic batch plan, padding; and adapters on
+a whole tiny model (fresh adapters leave the model's outputs unchanged; only adapters get gradients)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparse_recover.adapters import ADAPTERS, AdapterSettings, attach_adapters
+from sparse_recover.adapters.model import trainable_parameters, unload_adapters
+from sparse_recover.errors import ConfigError
+from sparse_recover.train import BatchPlan, TrainSettings, lr_factor, pad_batch
+from tests.conftest import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_schedules_match_the_hf_formulas():
+    total, warmup = 100, 3  # ceil(0.03 * 100)
+    assert lr_factor(0, total, warmup, "linear", 0.0) == 0.0
+    assert lr_factor(2, total, warmup, "linear", 0.0) == pytest.approx(2 / 3)
+    assert lr_factor(3, total, warmup, "linear", 0.0) == 1.0
+    assert lr_factor(50, total, warmup, "linear", 0.0) == pytest.approx((100 - 50) / 97)
+    assert lr_factor(100, total, warmup, "linear", 0.0) == 0.0
+    assert lr_factor(50, total, warmup, "cosine", 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 97)))
+    assert lr_factor(100, total, warmup, "cosine", 0.05) == pytest.approx(0.05)  # decays to min_lr / lr
+    assert lr_factor(80, total, warmup, "constant", 0.0) == 1.0
+
+
+def test_batch_plan_same_global_batches_on_any_process_count():
+    s = TrainSettings(lr=1e-3, batch_size=8, micro_batch_size=2, epochs=2, seed=7)
+    one = BatchPlan(40, s, world=1, rank=0)
+    assert one.steps_per_epoch == 5 and one.total_steps == 10
+    for step in range(one.total_steps):
+        whole = sorted(i for mb in one.micro_batches(step) for i in mb)
+        split = sorted(i for r in range(2) for mb in BatchPlan(40, s, world=2, rank=r).micro_batches(step) for i in mb)
+        assert whole == split and len(whole) == 8
+    epoch0 = [i for st in range(5) for mb in one.micro_batches(st) for i in mb]
+    assert sorted(epoch0) == list(range(40))  # an epoch sees every example once
+    assert BatchPlan(40, s, 1, 0).micro_batches(3) == one.micro_batches(3)  # a pure function of seed and step
+    with pytest.raises(ConfigError):
+        BatchPlan(40, TrainSettings(lr=1e-3, batch_size=6, micro_batch_size=2), world=2, rank=0)
+    with pytest.raises(ConfigError):
+        BatchPlan(4, s, world=1, rank=0)
+
+
+def test_pad_batch_right_pads_to_multiple_of_8():
+    b = pad_batch([([5, 6, 7], [5, 6, 7]), ([1] * 10, [-100] * 4 + [1] * 6)], pad_id=0)
+    assert b["input_ids"].shape == (2, 16)
+    assert b["attention_mask"][0].tolist() == [1, 1, 1] + [0] * 13
+    assert b["labels"][0, 3:].eq(-100).all() and b["labels"][1, :4].eq(-100).all()
+
+
+@pytest.mark.parametrize("method", list(ADAPTERS))
+def test_fresh_adapters_on_a_model_change_nothing(method):
+    model = build_model("llama")
+    from sparse_recover.models import decoder_blocks, prunable_linears
+
+    masks = {}
+    name, blocks = decoder_blocks(model)
+    g = torch.Generator().manual_seed(0)
+    for i, block in enumerate(blocks):
+        for lname, mod in prunable_linears(block).items():
+            keep = torch.rand(mod.weight.shape, generator=g) > 0.5
+            with torch.no_grad():
+                mod.weight.mul_(keep)
+            masks[f"{name}.{i}.{lname}.weight"] = keep
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    adapters = attach_adapters(model, ADAPTERS[method], masks, AdapterSettings(rank=4, scaling=2.0),
+                               ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert len(adapters) == 14
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    model.train()
+    for p in trainable_parameters(adapters):
+        with torch.no_grad():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    model(input_ids=ids, labels=ids).loss.backward()
+    trainable = {id(p) for p in trainable_parameters(adapters)}
+    for pname, p in model.named_parameters():
+        assert (p.grad is not None) == (id(p) in trainable), pname
+    unload_adapters(model, adapters)
+    assert not any(isinstance(m, type(next(iter(adapters.values())))) for m in model.modules())
