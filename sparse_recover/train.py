@@ -350,6 +350,8 @@ def weight_gradients(model, targets: dict[str, Any], examples, micro_batch_size:
     world, rank = accelerator.num_processes, accelerator.process_index
     sums: dict[str, torch.Tensor] = {}
     hooks = []
+    for p in model.parameters():  # only the targeted weights get gradients (the model stays frozen)
+        p.requires_grad_(False)
     for name, mod in targets.items():
         p = mod.weight
         p.requires_grad_(True)

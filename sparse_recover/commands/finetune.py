@@ -212,6 +212,13 @@ def run(section: FinetuneSection, run_dir: str, *, device: str = "auto", dtype: 
             shutil.copytree(final, tmp / "training_state")
         data_m = rd.read()
         data_m["stages"]["finetune"] = entry
+        if "merge" in data_m["stages"]:  # merged from the old adapters: no longer what finetune holds
+            data_m["stages"]["merge"]["status"] = "stale"
+            data_m["stages"]["merge"]["stale_since"] = entry["finished"]
+            if "merge" in data_m.get("evals", {}):
+                data_m["stages"]["merge"]["stale_evals"] = data_m["evals"].pop("merge")
+            print(f"finetune: RUN/merge was made from the previous adapters and is now marked stale: run "
+                  f"`sparse-recover merge --run-dir {rd.path} --force`")
         rd.write(data_m)
         shutil.rmtree(work_dir, ignore_errors=True)
         log_path = rd.path / "logs" / "finetune.log"

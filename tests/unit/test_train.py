@@ -85,3 +85,29 @@ def test_fresh_adapters_on_a_model_change_nothing(method):
         assert (p.grad is not None) == (id(p) in trainable), pname
     unload_adapters(model, adapters)
     assert not any(isinstance(m, type(next(iter(adapters.values())))) for m in model.modules())
+
+
+def test_lors_gradient_init_uses_the_mean_weight_gradient():
+    """weight_gradients (hooks that move each gradient off the device as it arrives) equals the plain
+    autograd gradient averaged over micro-batches."""
+    from accelerate import Accelerator
+
+    from sparse_recover.adapters.model import find_targets
+    from sparse_recover.train import weight_gradients
+
+    model = build_model("llama")
+    g = torch.Generator().manual_seed(1)
+    examples = [(ids, ids) for ids in torch.randint(0, model.config.vocab_size, (6, 12), generator=g).tolist()]
+    targets = find_targets(model, ["q_proj", "down_proj"])
+    got = weight_gradients(model, targets, examples, 2, 0, Accelerator(cpu=True))
+    assert all(not p.requires_grad for p in model.parameters())
+    model.zero_grad()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for mod in targets.values():
+        mod.weight.requires_grad_(True)
+    for start in range(0, 6, 2):
+        batch = pad_batch(examples[start : start + 2], 0)
+        (model(**batch).loss / 3).backward()
+    for name, mod in targets.items():
+        torch.testing.assert_close(got[name], mod.weight.grad, rtol=1e-5, atol=1e-7)
