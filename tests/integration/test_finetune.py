@@ -60,8 +60,10 @@ def test_finetune_merge_audit(pruned_runs, tmp_path, train_file, method, family)
     run = copy_run(pruned_runs[family], tmp_path / "run")
     targets = ["c_attn", "c_proj", "c_fc"] if family == "gpt2" else FinetuneSection().targets
     section = FinetuneSection(method=method, data=str(train_file), targets=targets, rank=8, **QUICK)
+    prune_before = snapshot(run / "prune")
     entry = ft_cmd.run(section, str(run), device="cpu")
     assert entry["train"]["steps"] == 4 and entry["train"]["tokens"] > 0
+    assert snapshot(run / "prune") == prune_before  # the sparse base is frozen and untouched
     files = sorted(p.name for p in (run / "finetune").iterdir())
     assert files == ["adapter.safetensors", "adapter_config.json", "trainer_log.json", "training_state"]
     assert not (run / ft_cmd.WORK_DIR).exists()
