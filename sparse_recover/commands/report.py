@@ -270,9 +270,9 @@ def _md_cell(col: str, value: Any) -> str:
 
 def to_markdown(rows: list[dict[str, Any]], tasks: list[str], notes: list[str]) -> str:
     cols = columns(rows, tasks, with_ppl_eval=False)
-    lines = [f"{n}" + ("; accuracies in %" if n.startswith("accuracy") else "") for n in notes]
-    if lines:
-        lines.append("")
+    lines = []
+    for note in notes:  # paragraphs of their own in rendered markdown
+        lines += [note + ("; accuracies in %" if note.startswith("accuracy") else ""), ""]
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "|".join("---" if c in ("run", "stage", "method", "pattern") else "---:" for c in cols) + "|")
     for row in rows:
@@ -308,20 +308,38 @@ def _newest_checkpoint(manifest: dict[str, Any]) -> str | None:
     return None
 
 
+def _layer_series(layers: dict[str, Any]) -> tuple[dict[str, list[tuple[int, float]]], str]:
+    """Per linear kind (q_proj, ..., down_proj): [(decoder block, sparsity %)], and the x-axis label."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    blocks = True
+    for i, (name, entry) in enumerate(layers.items()):
+        if not isinstance(entry, dict) or entry.get("sparsity") is None:
+            continue
+        m = re.search(r"\.(\d+)\.(.+?)(?:\.weight)?$", name)
+        kind = m.group(2).rsplit(".", 1)[-1] if m else name
+        blocks = blocks and m is not None
+        series.setdefault(kind, []).append((int(m.group(1)) if m else i, 100 * entry["sparsity"]))
+    return series, "decoder block" if blocks else "linear"
+
+
 def plot(rows: list[dict[str, Any]], info: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     fig = Figure(figsize=(15, 4.6), layout="constrained")
-    ax_ppl, ax_acc, ax_layers = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.6]})
+    ax_ppl, ax_acc, ax_layers = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.4]})
     present = [s for s in STAGES if any(r["stage"] == s for r in rows)]
     x_of = {s: i for i, s in enumerate(present)}
     for run in info:
         mine = [r for r in rows if r["run"] == run["name"]]
-        for ax, key in ((ax_ppl, "ppl"), (ax_acc, "avg_acc")):
+        for ax, key, fmt in ((ax_ppl, "ppl", "{:.1f}"), (ax_acc, "avg_acc", "{:.1f}")):
             pts = [(x_of[r["stage"]], r[key] * (100 if key == "avg_acc" else 1)) for r in mine
                    if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=run["name"])
+                line, = ax.plot(*zip(*pts), marker="o", label=run["name"])
+                for x, y in pts:
+                    ax.annotate(fmt.format(y), (x, y), textcoords="offset points", xytext=(6, 4), fontsize="x-small",
+                                color=line.get_color())
     for ax, title in ((ax_ppl, "perplexity (log scale)"), (ax_acc, "average accuracy (%)")):
         ax.set_xticks(range(len(present)), present)
         ax.set_xlim(-0.4, max(len(present) - 0.6, 0.4))
@@ -333,26 +351,24 @@ def plot(rows: list[dict[str, Any]], info: list[dict[str, Any]], path: Path) -> 
             ax.text(0.5, 0.5, "not evaluated", ha="center", va="center", transform=ax.transAxes)
     if ax_ppl.lines:
         ax_ppl.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax_ppl.yaxis.set_major_formatter(plain)
+        ax_ppl.yaxis.set_minor_formatter(plain)
+        ax_ppl.tick_params(axis="y", which="minor", labelsize="x-small")
     first = info[0]
     stage = _newest_checkpoint(first["manifest"])
     if stage is None:
         ax_layers.text(0.5, 0.5, f"{first['name']}: no checkpoint stage with per-layer sparsity", ha="center",
                        va="center", transform=ax_layers.transAxes)
     else:
-        layers = first["manifest"]["stages"][stage]["sparsity"]["layers"]
-        names = [k for k, v in layers.items() if isinstance(v, dict) and v.get("sparsity") is not None]
-        values = [100 * layers[k]["sparsity"] for k in names]
-        kinds = [k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in names]
-        palette = {}
-        colors = [palette.setdefault(kind, f"C{len(palette) % 10}") for kind in kinds]
-        ax_layers.bar(range(len(values)), values, color=colors, width=1.0)
-        for kind, color in palette.items():
-            ax_layers.bar([], [], color=color, label=kind)
-        ax_layers.legend(fontsize="x-small", ncol=min(len(palette), 4), loc="lower right")
+        series, xlabel = _layer_series(first["manifest"]["stages"][stage]["sparsity"]["layers"])
+        for kind, pts in series.items():
+            ax_layers.plot(*zip(*pts), marker=".", linewidth=1, label=kind)
+        ax_layers.legend(fontsize="x-small", ncol=min(len(series), 4), loc="lower right")
         ax_layers.set_ylim(0, 100)
-        ax_layers.set_xlabel(f"linear, in model order ({len(values)})")
+        ax_layers.set_xlabel(xlabel)
         ax_layers.set_title(f"per-layer sparsity (%): {first['name']} / {stage}")
-        ax_layers.grid(True, axis="y", alpha=0.3)
+        ax_layers.grid(True, alpha=0.3)
     fig.savefig(path, dpi=110, format="png")
 
 
