@@ -1,5 +1,5 @@
-"""`report` on run directories of tiny models made by the real prune / dsnot / eval commands: the rows,
-their order and every number equal what the manifests and eval files hold; md / csv / json / PNG
+"""`report` on run directories of tiny models made by the real prune / dsnot / finetune / merge / eval commands:
+the rows, their order and every number equal what the manifests and eval files hold; md / csv / json / PNG
 outputs through the real CLI; bad input is one line, a documented exit code, nothing changed."""
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ import pytest
 
 from sparse_recover.commands import dsnot as dsnot_cmd
 from sparse_recover.commands import evaluate as eval_cmd
+from sparse_recover.commands import finetune as ft_cmd
+from sparse_recover.commands import merge as merge_cmd
 from sparse_recover.commands import report as report_cmd
+from sparse_recover.config import FinetuneSection
 from sparse_recover.errors import ConfigError, RunDirError
 from tests.integration.test_cli_errors import HIDE_PACKAGES, assert_clean_error, run_cli, snapshot
+from tests.integration.test_finetune import QUICK, train_file  # noqa: F401  (train_file is a fixture)
 from tests.integration.test_prune_families import prune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,34 +144,32 @@ def test_plot_writes_png(runs, tmp_path):
     assert snapshot(w24) == before  # read only
 
 
-def test_merge_row_carries_training_cost(runs, tmp_path, eval_file):
-    """A merge stage and the finetune entry in the shape the finetune command writes (stages.finetune.train);
-    the merge checkpoint is a copy of dsnot's, evaluated by the real eval command."""
+def test_merge_row_carries_training_cost(runs, tmp_path, eval_file, train_file):  # noqa: F811
+    """Real finetune (LoRS, a few steps) and merge on a copy of the Wanda 2:4 + DSnoT run; the merge row
+    carries the manifest's training cost and the chain of methods."""
     _, w24, _ = runs
     run = tmp_path / "ft"
     shutil.copytree(w24, run)
-    shutil.copytree(run / "dsnot", run / "merge")
-    manifest = json.loads((run / "manifest.json").read_text())
-    train = {"steps": 40, "tokens": 81920, "wall_time_s": 12.5, "trainable_params": 36864, "method": "lors"}
-    manifest["stages"]["finetune"] = {"status": "complete", "method": "lors", "from": "dsnot", "train": train}
-    manifest["stages"]["merge"] = {"status": "complete", "method": "dsnot", "finetune_method": "lors",
-                                   "from": "dsnot", "source_stage": "dsnot",
-                                   "pattern": manifest["stages"]["dsnot"]["pattern"],
-                                   "sparsity": manifest["stages"]["dsnot"]["sparsity"]}
-    (run / "manifest.json").write_text(json.dumps(manifest))
+    ft = ft_cmd.run(FinetuneSection(method="lors", data=str(train_file), rank=8, **QUICK), str(run), device="cpu")
+    merge_cmd.run(str(run), device="cpu", ppl_seqlen=32, ppl_windows=2)
     _eval(run, "merge", ["ppl", "wiki-suite"], eval_file)
     rows, tasks, _, info = report_cmd.collect([str(run)])
     assert [r["stage"] for r in rows] == ["dense", "prune", "dsnot", "merge"]
     merge = rows[-1]
     assert merge["method"] == "wanda + dsnot + lors" and merge["pattern"] == "2:4"
+    train = ft["train"]
     assert (merge["train_steps"], merge["train_tokens"], merge["train_time_s"], merge["trainable_params"]) == (
-        40, 81920, 12.5, 36864)
+        train["steps"], train["tokens"], train["wall_time_s"], train["trainable_params"])
+    assert merge["train_steps"] == QUICK["max_steps"] and merge["trainable_params"] == ft["trainable_params"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert merge["sparsity"] == manifest["stages"]["merge"]["sparsity"]["overall"]
     assert all(r["train_steps"] is None for r in rows[:-1])
-    lm = _one(_evals(run, "merge"), "lm-eval/")
-    assert merge["wiki_continuation"] == lm["tasks"]["wiki_continuation"]["acc"]
+    evals = _evals(run, "merge")
+    assert merge["ppl"] == _one(evals, "ppl/")["ppl"]
+    assert merge["wiki_continuation"] == _one(evals, "lm-eval/")["tasks"]["wiki_continuation"]["acc"]
     assert report_cmd._newest_checkpoint(info[0]["manifest"]) == "merge"
     md = report_cmd.to_markdown(rows, tasks, [])
-    assert "| 40 | 81,920 | 12.5s | 36,864 |" in md
+    assert f"| {train['steps']} | {train['tokens']:,} |" in md
 
     del manifest["stages"]["finetune"]["train"]  # an entry without the cost: empty cells, no crash
     (run / "manifest.json").write_text(json.dumps(manifest))
