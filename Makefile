@@ -7,12 +7,13 @@ PIP := $(VENV)/bin/python -m pip
 CLI := $(VENV)/bin/sparse-recover
 STAMP := $(VENV)/.setup-done
 RUN ?= runs/demo
-DEMO_N ?= 32
-DEMO_L ?= 512
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup test test-slow test-all demo bench clean
+TABLES := spp-2 spp-3 spp-4 dsnot-1 dsnot-5 lors-1
+TABLE_RUNS ?= runs/tables
+
+.PHONY: setup test test-slow test-all demo bench clean $(addprefix table-,$(TABLES))
 
 setup: $(STAMP)
 
@@ -38,15 +39,17 @@ test-slow: setup
 test-all: setup
 	$(PY) -m pytest -q
 
-# The built-in offline pipeline on SmolLM2 and Wikipedia text (grows with later stages).
+# The built-in offline pipeline on SmolLM2 and Wikipedia text (configs/demo.yaml: Wanda 2:4, DSnoT,
+# LoRS, merge, audit, perplexity + wiki-suite per stage), then the report table. Re-running continues
+# where it stopped.
 demo: setup
-	$(CLI) prune --model smollm2-135m --method wanda --pattern 2:4 --calib wiki-en \
-		--nsamples $(DEMO_N) --seqlen $(DEMO_L) --run-dir $(RUN)
-	$(CLI) dsnot --run-dir $(RUN)
-	$(CLI) audit --run-dir $(RUN)
-	$(CLI) eval --run-dir $(RUN) --stage dense --tasks ppl --seqlen $(DEMO_L) --limit $(DEMO_N)
-	$(CLI) eval --run-dir $(RUN) --stage prune --tasks ppl --seqlen $(DEMO_L) --limit $(DEMO_N)
-	$(CLI) eval --run-dir $(RUN) --stage dsnot --tasks ppl --seqlen $(DEMO_L) --limit $(DEMO_N)
+	$(CLI) run configs/demo.yaml --run-dir $(RUN)
+	$(CLI) report $(RUN) --format md
+
+# Paper tables: each row's pipeline in its own run directory (completed stages skip), then
+# published | ours | delta. SMOKE=1 runs the same grid on a tiny random LLaMA in minutes.
+$(addprefix table-,$(TABLES)): table-%: setup
+	$(PY) scripts/make_table.py $* --run --runs $(TABLE_RUNS) --cli "$(CLI)" $(if $(SMOKE),--smoke)
 
 bench: setup
 	$(PY) scripts/bench_prune.py

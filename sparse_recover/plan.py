@@ -1,0 +1,323 @@
+"""`sparse-recover run --dry-run`: the stages a pipeline would run, the checkpoints each reads and
+writes, and an estimate of each stage's peak accelerator and host memory.
+
+The estimate comes from the model's config alone: the model is built on the meta device (no weights
+are read or downloaded; a built-in alias needs only its package, a hub id only its cached config),
+and its parameter shapes give one block's weights, the widest linear (SparseGPT's float32 Hessian,
+DSnoT's per-row sort buffers), the whole model, and the activation sizes. It is an estimate of tensor
+memory, meant to be right within a small factor; the host figures add a fixed allowance for the Python
+runtime (torch, transformers). Whether `--offload` is needed is judged against the free memory of
+the GPU at hand, or the available host RAM on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sparse_recover.config import PipelineConfig
+
+GIB = 2**30
+RUNTIME_HOST = 600 * 2**20  # Python + torch + transformers + tokenizers, resident after import
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass
+class ModelFacts:
+    """Shapes of a model, read from its config on the meta device."""
+
+    name: str
+    architecture: str
+    params: int
+    block_params: int
+    n_blocks: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    outside_blocks: int  # embeddings, final norm, lm_head (untied)
+    linears: list[tuple[str, int, int]] = field(default_factory=list)  # one block: (name, out, in)
+    input_groups: list[int] = field(default_factory=list)  # in-width of each distinct linear input
+
+    @property
+    def linear_elems(self) -> int:
+        return self.n_blocks * sum(o * i for _, o, i in self.linears)
+
+    @property
+    def widest(self) -> tuple[str, int, int]:
+        return max(self.linears, key=lambda t: t[1] * t[2])
+
+    @property
+    def widest_in(self) -> int:
+        return max(i for _, _, i in self.linears)
+
+
+def hf_config_offline(spec: str):
+    """The HF config of a model without reading (or downloading) its weights."""
+    from transformers import AutoConfig
+
+    from sparse_recover.models import BUILTIN_MODELS, _package_folder, builtin_checkpoint, load_config, \
+        resolve_model_source
+
+    source = resolve_model_source(spec, convert=False)
+    if source.kind == "builtin":
+        if os.path.isfile(os.path.join(source.path, "config.json")):
+            return AutoConfig.from_pretrained(source.path), source
+        info = BUILTIN_MODELS[source.spec]
+        if info.gguf_file is not None:  # the config from the GGUF header; nothing is dequantised
+            folder = _package_folder(info.package, info.install)
+            return AutoConfig.from_pretrained(str(folder), gguf_file=info.gguf_file), source
+        builtin_checkpoint(source.spec)  # assembled by its package (or built: cheap)
+        return AutoConfig.from_pretrained(source.path), source
+    from sparse_recover.commands.run import check_reachable
+
+    if source.kind == "hub":
+        source = check_reachable(spec)  # one line naming the model when the hub is needed
+    return load_config(source), source
+
+
+def model_facts(hf_config, name: str) -> ModelFacts:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sparse_recover.models import decoder_blocks, in_features, prunable_linears, weight_2d
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    _, blocks = decoder_blocks(model)
+    block = blocks[0]
+    linears = []
+    for lname, mod in prunable_linears(block).items():
+        out, inp = weight_2d(mod).shape
+        linears.append((lname, int(out), int(inp)))
+    params = sum(p.numel() for p in model.parameters())
+    block_params = sum(p.numel() for p in block.parameters())
+    # q/k/v and gate/up share an input: one statistic (one Hessian) per distinct input
+    groups: dict[str, int] = {}
+    for lname, _, inp in linears:
+        leaf = lname.rsplit(".", 1)[-1]
+        parent = lname.rsplit(".", 1)[0] if "." in lname else ""
+        key = parent + (":qkv" if leaf in ("q_proj", "k_proj", "v_proj", "c_attn", "query_key_value")
+                        else ":gateup" if leaf in ("gate_proj", "up_proj", "w1", "w3") else ":" + leaf)
+        groups[key] = inp
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0))
+    inter = int(getattr(text, "intermediate_size", 0) or getattr(text, "ffn_dim", 0) or getattr(text, "n_inner", 0)
+                or 4 * hidden)
+    return ModelFacts(
+        name=name, architecture=(getattr(hf_config, "architectures", None) or [type(model).__name__])[0],
+        params=params, block_params=block_params, n_blocks=len(blocks), hidden=hidden, intermediate=inter,
+        vocab=int(getattr(text, "vocab_size", 0)), heads=int(getattr(text, "num_attention_heads", 0)
+                                                            or getattr(text, "n_head", 0)),
+        outside_blocks=params - block_params * len(blocks), linears=linears, input_groups=list(groups.values()))
+
+
+# --------------------------------------------------------------------------------------------------
+# per-stage estimates (bytes)
+
+
+@dataclass
+class Estimate:
+    stage: str
+    reads: str
+    writes: str
+    device: int  # peak accelerator bytes (on a CPU-only machine: the same tensors, in host memory)
+    host: int  # peak host bytes, runtime allowance included
+    parts: dict[str, int] = field(default_factory=dict)  # the largest terms, for the curious
+    note: str = ""
+    offloaded: int | None = None  # prune/dsnot: the device peak with --offload
+
+
+def _forward_work(f: ModelFacts, batch: int, seqlen: int, nbytes: int) -> int:
+    """Transient memory of one block's forward on `batch` windows: MLP and attention intermediates,
+    attention scores (math/eager attention materialises them)."""
+    return batch * seqlen * (3 * f.intermediate + 6 * f.hidden) * nbytes + batch * f.heads * seqlen * seqlen * nbytes
+
+
+def layerwise_estimate(f: ModelFacts, *, nsamples: int, seqlen: int, batch: int, nbytes: int, offload: bool,
+                       on_gpu: bool, method: str) -> dict[str, int]:
+    """Terms of the calibration engine's peak (prune and dsnot)."""
+    out_, in_ = f.widest[1], f.widest[2]
+    parts = {
+        "weights": (f.block_params + f.outside_blocks) * nbytes if (offload and on_gpu) else f.params * nbytes,
+        # block inputs and the outputs that replace them, kept for all windows
+        "activations": 2 * nsamples * seqlen * f.hidden * nbytes,
+        "forward": _forward_work(f, batch, seqlen, nbytes),
+    }
+    if method == "sparsegpt":
+        # one float32 Hessian per distinct input of the block, plus the widest one's inverse factor and
+        # the float32 weight copy, errors and losses of its sweep
+        parts["hessians"] = sum(c * c * 4 for c in f.input_groups) + f.widest_in ** 2 * 4 + 3 * out_ * in_ * 4
+    elif method == "dsnot":
+        # per row: contributions, growing metric, two sort orders (int64), masks of the widest linear
+        parts["refine"] = out_ * in_ * (4 + 4 + 8 + 8 + 4 + 2)
+    else:  # wanda / magnitude: score and a stable sort (values + int64 indices) of the widest linear
+        parts["scores"] = out_ * in_ * (4 + 4 + 8 + 1)
+    return parts
+
+
+def estimates(cfg: PipelineConfig, f: ModelFacts, stages: list[str], *, on_gpu: bool, source_label: str) -> list[Estimate]:
+    from sparse_recover.commands.run import finetune_source
+
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    nb = _BYTES.get({"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(dtype, dtype), 4)
+    weights = f.params * nb
+    masks = f.linear_elems  # bool, one byte each
+    c = cfg.calib
+    out: list[Estimate] = []
+
+    def add(stage, reads, writes, parts, host_extra, note="", offloaded=None):
+        dev = sum(parts.values())
+        host = RUNTIME_HOST + host_extra + (0 if on_gpu else dev)
+        out.append(Estimate(stage, reads, writes, dev, host, parts, note, offloaded))
+
+    def layerwise(method, batch, offload):
+        kw = dict(nsamples=c.nsamples, seqlen=c.seqlen, batch=batch, nbytes=nb, on_gpu=on_gpu, method=method)
+        return layerwise_estimate(f, offload=offload, **kw), sum(layerwise_estimate(f, offload=True, **kw).values())
+
+    windows = c.nsamples * c.seqlen * 8
+    if "prune" in stages:
+        parts, offloaded = layerwise(cfg.prune.method, c.batch_size, cfg.prune.offload)
+        host = (weights if on_gpu else 0) + windows + masks
+        add("prune", f"model {source_label}; calib {c.source} {c.nsamples}x{c.seqlen}", "prune/ calib/", parts, host,
+            offloaded=offloaded)
+    if "dsnot" in stages:
+        d = cfg.dsnot
+        parts, offloaded = layerwise("dsnot", d.batch_size, d.offload)
+        host = (weights if on_gpu else 0) + windows + 2 * masks  # dense model + stored masks + new masks
+        add("dsnot", f"prune/ (masks) calib/, dense model {source_label}", "dsnot/", parts, host, offloaded=offloaded)
+    if "finetune" in stages:
+        ft = cfg.finetune.resolved()
+        r, mb, L = ft["rank"], ft["micro_batch_size"], ft["seqlen"]
+        targets = [(n, o, i) for n, o, i in f.linears if any(n.endswith(t) for t in ft["targets"])]
+        if ft["method"] == "spp":
+            adapter = f.n_blocks * sum(r * i + o for _, o, i in targets)
+        else:
+            adapter = f.n_blocks * sum(r * (i + o) for _, o, i in targets)
+        per_layer_tokens = (8 * f.hidden + 5 * f.intermediate) * nb
+        if ft["gradient_checkpointing"]:
+            acts = mb * L * (f.n_blocks * f.hidden * nb + per_layer_tokens)
+        else:
+            acts = mb * L * f.n_blocks * per_layer_tokens + mb * f.heads * L * L * nb
+        widest = max((o * i for _, o, i in targets), default=0)
+        parts = {
+            "weights": weights,
+            "adapters+grads+adamw": adapter * 16,  # fp32 parameter, gradient, two moments
+            "activations": acts,
+            "logits": 3 * mb * L * f.vocab * 4,  # logits, their float32 upcast and gradient
+            "merged-weight transient": widest * nb * (0 if ft["method"] == "spp" else 2),
+        }
+        host = weights if on_gpu else 0
+        if ft["method"] == "lors" and ft["ga_init"]:  # dense-shaped float32 gradients offloaded to the host
+            host += f.n_blocks * sum(o * i for _, o, i in targets) * 4
+        add("finetune", f"{finetune_source(cfg)}/ (checkpoint, masks); data {ft['data']}",
+            "finetune/ (adapters, training state)", parts, host)
+    if "merge" in stages:
+        parts = {"weights": weights, "masks": masks, "fp32 merge of the widest linear": 2 * f.widest[1] * f.widest[2] * 4}
+        add("merge", "finetune/ + its base checkpoint", "merge/", parts, weights if on_gpu else 0)
+    if "audit" in stages:
+        parts = {"one checkpoint": weights, "masks": masks}
+        add("audit", ", ".join(s + "/" for s in cfg.checkpoint_stages()), "manifest (audit)", {}, sum(parts.values()),
+            note="host only")
+    if "eval" in stages:
+        ev = cfg.eval
+        bs = ev.batch_size if isinstance(ev.batch_size, int) else 1
+        parts = {"weights": weights, "forward": _forward_work(f, bs, ev.seqlen, nb),
+                 "logits": 2 * bs * ev.seqlen * f.vocab * 4}
+        add("eval", ", ".join(s if s == "dense" else s + "/" for s in cfg.eval_stages()),
+            "eval/<stage>.json", parts, weights if on_gpu else 0, note=", ".join(ev.tasks))
+    return out
+
+
+def device_at_hand() -> tuple[str, int, bool]:
+    """(description, free bytes, is a GPU): the free memory of GPU 0, or the available host RAM."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info(0)
+        return f"{torch.cuda.get_device_name(0)} ({total / GIB:.1f} GiB)", int(free), True
+    return "CPU (host RAM)", host_available(), False
+
+
+def host_available() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _fmt(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 4 else f"{n / 2**20:.0f} MiB"
+
+
+def show(cfg: PipelineConfig, run_dir: str | None, selected: list[str], *,
+         echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Print the plan; returns it as a dict (stages with their estimates and verdicts)."""
+    hf_config, source = hf_config_offline(cfg.model.model)
+    f = model_facts(hf_config, source.spec)
+    where, free, on_gpu = device_at_hand()
+    if cfg.model.device == "cpu":
+        where, free, on_gpu = "CPU (host RAM)", host_available(), False
+    rows = estimates(cfg, f, selected, on_gpu=on_gpu, source_label=source.spec)
+    status = _statuses(cfg, run_dir, selected)
+    echo(f"plan: {f.name} ({f.architecture}, {f.params / 1e6:.1f}M parameters, {f.n_blocks} blocks, hidden "
+         f"{f.hidden}) -> {run_dir or '(no --run-dir)'}")
+    echo(f"device at hand: {where}, {_fmt(free)} free" + ("" if on_gpu else "; no GPU, so every figure is host memory"))
+    header = f"{'stage':9s} {'status':9s} {'device peak':>12s} {'host peak':>11s}  reads -> writes"
+    echo(header)
+    result = {"model": f.__dict__ | {"linears": f.linears}, "device": where, "free": free, "on_gpu": on_gpu, "stages": []}
+    for e in rows:
+        verdict = _verdict(cfg, e, free, on_gpu, f)
+        dev = _fmt(e.device) if on_gpu or e.device else "-"
+        echo(f"{e.stage:9s} {status.get(e.stage, ''):9s} {dev:>12s} {_fmt(e.host):>11s}  {e.reads} -> {e.writes}")
+        big = sorted(e.parts.items(), key=lambda kv: -kv[1])[:3]
+        detail = ", ".join(f"{k} {_fmt(v)}" for k, v in big if v)
+        if detail or verdict:
+            echo(f"{'':9s} {'':9s} {detail}{'; ' if detail and verdict else ''}{verdict}")
+        result["stages"].append({**e.__dict__, "status": status.get(e.stage), "verdict": verdict})
+    echo("(estimates of tensor memory from the model config; host figures include ~0.6 GiB for the runtime)")
+    return result
+
+
+def _verdict(cfg: PipelineConfig, e: Estimate, free: int, on_gpu: bool, f: ModelFacts) -> str:
+    if not on_gpu:
+        return "" if e.host <= free else f"needs {_fmt(e.host)} of host RAM, {_fmt(free)} available"
+    if e.stage in ("prune", "dsnot"):
+        offload = cfg.prune.offload if e.stage == "prune" else cfg.dsnot.offload
+        if e.device <= free:
+            return "fits" + (" (with --offload)" if offload else "")
+        if not offload and e.offloaded is not None and e.offloaded <= free:
+            return f"needs --offload ({e.stage}.offload: true): {_fmt(e.offloaded)} with it"
+        return f"does not fit in {_fmt(free)} even with offload: lower calib.nsamples or calib.seqlen"
+    if e.stage in ("audit",):
+        return ""
+    return "fits" if e.device <= free else f"does not fit in {_fmt(free)} of GPU memory"
+
+
+def _statuses(cfg: PipelineConfig, run_dir: str | None, selected: list[str]) -> dict[str, str]:
+    """What `run` would do with each stage given the run directory's state (best effort)."""
+    if not run_dir:
+        return {s: "run" for s in selected}
+    from sparse_recover.commands.run import Pipeline
+
+    pipe = Pipeline(cfg, run_dir)
+    try:
+        from sparse_recover.models import resolve_model_source
+
+        pipe.source = resolve_model_source(cfg.model.model, convert=False)
+        manifest = pipe.rd.read() if pipe.rd.exists() else {"stages": {}}
+    except Exception:  # noqa: BLE001 - the plan must print even for a run directory it cannot read
+        return {s: "?" for s in selected}
+    out = {}
+    for s in selected:
+        if s in ("audit", "eval"):
+            out[s] = "run"
+            continue
+        state = pipe.state(s, manifest)
+        out[s] = {"same": "skip", "missing": "run", "partial": "resume"}.get(state, "differs")
+    return out
