@@ -30,6 +30,12 @@ app = typer.Typer(
 )
 
 
+def _explicit_options(ctx: typer.Context) -> set[str]:
+    """The options typed on the command line (not defaults): they win over a --config file."""
+    return {name for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+
+
 @app.command()
 def prune(
     ctx: typer.Context,
@@ -78,11 +84,7 @@ def prune(
                   "propagate": propagate, "offload": offload},
     }
     if config:  # the file wins over defaults; explicitly typed options win over the file
-        explicit = set()
-        for name in ctx.params:
-            src = ctx.get_parameter_source(name)
-            if src is not None and getattr(src, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP"):
-                explicit.add(name)
+        explicit = _explicit_options(ctx)
         option_of = {"model": "model", "dtype": "dtype", "device": "device", "source": "calib", "nsamples": "nsamples",
                      "seqlen": "seqlen", "seed": "seed", "batch_size": "calib_batch_size"}
         given = {sec: {k: v for k, v in vals.items() if option_of.get(k, k) in explicit} for sec, vals in given.items()}
@@ -194,6 +196,87 @@ def run_(
         raise SparseRecoverError("--run-dir is required (except with --dry-run)")
     cmd.run(cfg, run_dir, from_stage=from_stage, until_stage=until, force=force, dry_run=dry_run,
             config_file=config)
+
+
+@app.command()
+def finetune(
+    ctx: typer.Context,
+    run_dir: str = typer.Option(..., "--run-dir", help="Run directory with a completed prune (or dsnot) stage."),
+    method: str = typer.Option("lors", "--method", help="lors | spp | lora-remask | sqft"),
+    from_stage: str = typer.Option("auto", "--from", help="auto (dsnot if present, else prune) | prune | dsnot"),
+    targets: str = typer.Option(",".join(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+                                "--targets", help="Comma-separated module-name suffixes to adapt."),
+    rank: int = typer.Option(16, "--rank", help="Adapter rank (SPP: expansion rank; must divide each output width)."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="Default: rank."),
+    scaling: Optional[float] = typer.Option(None, "--scaling", help="Branch scale (default: spp 2, lors alpha/sqrt(r), lora alpha/r)."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Branch input dropout (default: spp 0.05, others 0)."),
+    exact_grad: bool = typer.Option(False, "--exact-grad", help="LoRS: exact masked gradient instead of straight-through."),
+    ga_init: bool = typer.Option(True, "--ga-init/--no-ga-init", help="LoRS: gradient-based adapter init."),
+    init_samples: int = typer.Option(128, "--init-samples", help="LoRS: training examples for the gradient init."),
+    data: str = typer.Option("wiki-en", "--data", help="wiki-en | alpaca | alpaca-gpt4 | slimpajama | FILE.json/.jsonl/.txt"),
+    data_format: str = typer.Option("auto", "--data-format", help="auto | instruct | text"),
+    seqlen: int = typer.Option(512, "--seqlen", help="Cutoff length (instructions) or block size (text)."),
+    train_on_inputs: bool = typer.Option(True, "--train-on-inputs/--no-train-on-inputs", help="Loss on prompt and response (reference) or response only."),
+    val_size: Optional[int] = typer.Option(None, "--val-size", help="Held-out examples (default min(2000|1024, 10%))."),
+    max_train_samples: Optional[int] = typer.Option(None, "--max-train-samples"),
+    epochs: float = typer.Option(1.0, "--epochs"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Global batch: sequences per optimizer step."),
+    micro_batch_size: int = typer.Option(4, "--micro-batch-size", help="Sequences per forward on one process."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: spp 4e-3, lors 2e-5, lora 2e-4)."),
+    min_lr: float = typer.Option(0.0, "--min-lr"),
+    weight_decay: float = typer.Option(0.001, "--weight-decay"),
+    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio"),
+    scheduler: str = typer.Option("linear", "--scheduler", help="linear | cosine | constant"),
+    max_grad_norm: Optional[float] = typer.Option(1.0, "--max-grad-norm"),
+    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto (bf16 on GPU, no on CPU) | no | bf16 | fp16"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    seed: int = typer.Option(42, "--seed"),
+    eval_every: int = typer.Option(200, "--eval-every", help="Held-out loss every N steps (and at the end)."),
+    eval_batches: Optional[int] = typer.Option(None, "--eval-batches", help="Cap on held-out micro-batches per evaluation."),
+    save_every: int = typer.Option(200, "--save-every", help="Resumable checkpoint every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its newest checkpoint."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="Base weights: auto (float32 CPU, bfloat16 GPU) | float32 | bfloat16 | float16"),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML with a finetune section; options typed here win."),
+    set_: List[str] = typer.Option([], "--set", help="Override finetune.key=value (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Redo a completed (or discard an interrupted) stage."),
+):
+    """Sparsity-preserving fine-tuning (SPP, LoRS, LoRA-then-remask, SQFT) of the newest sparse checkpoint."""
+    from sparse_recover.commands import finetune as cmd
+    from sparse_recover.config import FinetuneSection, apply_overrides, deep_merge, load_yaml, validate
+
+    given = {k: v for k, v in ctx.params.items()
+             if k not in ("run_dir", "resume", "device", "dtype", "config", "set_", "force")}
+    given["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
+    given["from_stage"] = given.pop("from_stage")
+    if config:
+        explicit = _explicit_options(ctx)
+        section = load_yaml(config).get("finetune") or {}
+        data = {"finetune": deep_merge(section, {k: v for k, v in given.items() if k in explicit})}
+    else:
+        data = {"finetune": given}
+    data = apply_overrides(data, set_)
+    cfg = validate(FinetuneSection, data["finetune"])
+    cmd.run(cfg, run_dir, device=device, dtype=dtype, resume=resume, force=force)
+
+
+@app.command()
+def merge(
+    run_dir: str = typer.Option(..., "--run-dir", help="Run directory with a completed finetune stage."),
+    ppl_windows: int = typer.Option(8, "--ppl-windows", help="Held-out wiki-en windows for the before/after check."),
+    ppl_seqlen: int = typer.Option(512, "--ppl-seqlen"),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    force: bool = typer.Option(False, "--force", help="Merge again."),
+):
+    """Fold the adapters into the sparse checkpoint (no pruned weight revived) and write RUN/merge."""
+    from sparse_recover.commands import merge as cmd
+    from sparse_recover.errors import ConfigError
+
+    if ppl_windows < 1 or ppl_seqlen < 2:
+        raise ConfigError("--ppl-windows must be at least 1 and --ppl-seqlen at least 2")
+    cmd.run(run_dir, device=device, dtype=dtype, force=force, ppl_windows=ppl_windows, ppl_seqlen=ppl_seqlen)
 
 
 def main(argv: list[str] | None = None) -> None:
