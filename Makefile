@@ -53,6 +53,8 @@ $(addprefix table-,$(TABLES)): table-%: setup
 
 bench: setup
 	$(PY) scripts/bench_prune.py
+	$(PY) scripts/bench_finetune.py
+	$(PY) scripts/bench_eval.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

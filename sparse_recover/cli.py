@@ -122,83 +122,6 @@ def dsnot(
 
 
 @app.command()
-def audit(
-    run_dir: str = typer.Option(..., "--run-dir", help="Run directory."),
-    stage: List[str] = typer.Option([], "--stage", help="Stage(s) to audit (default: every checkpoint stage)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="One line per linear."),
-):
-    """Check each stage's zeros against its stored masks, N:M groups and per-group budgets."""
-    from sparse_recover.commands import audit as cmd
-
-    cmd.run(run_dir, stages=stage or None, as_json=json_out, verbose=verbose)
-
-
-@app.command("eval")
-def eval_(
-    run_dir: str = typer.Option(..., "--run-dir", help="Run directory."),
-    stage: str = typer.Option("prune", "--stage", help="dense | prune | dsnot"),
-    tasks: str = typer.Option("ppl", "--tasks", help="Comma-separated: ppl, zeroshot (7 tasks, acc), mmlu (5-shot), "
-                              "wiki-suite (offline), or any lm-eval task name."),
-    ppl_data: str = typer.Option("auto", "--ppl-data", help="wikitext2 | wiki-en | FILE (auto: wiki-en for built-in models, else wikitext2)."),
-    seqlen: int = typer.Option(2048, "--seqlen", help="Perplexity window length."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="First N perplexity windows / N examples per lm-eval task."),
-    batch_size: str = typer.Option("auto", "--batch-size", help="auto or an integer (perplexity: windows per call)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local copies of the standard tasks (DATA_DIR/<task>/<split>.jsonl)."),
-    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Override the n-shot of every lm-eval task."),
-    device: str = typer.Option("auto", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
-    force: bool = typer.Option(False, "--force", help="Measure again even if the result exists."),
-):
-    """Evaluate a stage of a run directory: perplexity and lm-eval tasks."""
-    from sparse_recover.commands import evaluate as cmd
-    from sparse_recover.errors import ConfigError
-
-    if batch_size != "auto":
-        if not batch_size.isdigit() or int(batch_size) < 1:
-            raise ConfigError(f"--batch-size must be auto or a positive integer, got {batch_size!r}")
-    cmd.run(run_dir, stage, [t.strip() for t in tasks.split(",") if t.strip()], ppl_data=ppl_data, seqlen=seqlen,
-            limit=limit, batch_size=batch_size if batch_size == "auto" else int(batch_size), device=device,
-            dtype=dtype, force=force, data_dir=data_dir, num_fewshot=num_fewshot)
-
-
-@app.command()
-def report(
-    runs: List[str] = typer.Argument(..., metavar="RUN", help="Run directories."),
-    fmt: str = typer.Option("md", "--format", help="md | csv | json"),
-    plot: Optional[str] = typer.Option(None, "--plot", help="Also write a PNG: perplexity and average accuracy by "
-                                       "stage, per-layer sparsity of the first run (needs matplotlib)."),
-    output: Optional[str] = typer.Option(None, "--output", help="Write the table to FILE instead of stdout."),
-):
-    """Table of every run and stage (method, sparsity, perplexity, task accuracies, training cost), read from
-    the manifests and eval files only."""
-    from sparse_recover.commands import report as cmd
-
-    cmd.run(runs, fmt=fmt, plot_path=plot, output=output)
-
-
-@app.command("run")
-def run_(
-    config: str = typer.Argument(..., help="Pipeline YAML: model, calib, prune, dsnot, finetune, merge, audit, eval sections."),
-    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Run directory (created if missing); optional with --dry-run."),
-    set_: List[str] = typer.Option([], "--set", help="Override section.key=value (repeatable)."),
-    from_stage: Optional[str] = typer.Option(None, "--from", help="First stage to run: prune | dsnot | finetune | merge | audit | eval."),
-    until: Optional[str] = typer.Option(None, "--until", help="Last stage to run."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages, their checkpoints and memory estimates; run nothing."),
-    force: bool = typer.Option(False, "--force", help="Recompute the selected stages even if complete."),
-):
-    """Run a whole pipeline from one YAML; completed stages with the same config are skipped."""
-    from sparse_recover.commands import run as cmd
-    from sparse_recover.config import apply_overrides, load_yaml, validate_pipeline
-
-    cfg = validate_pipeline(apply_overrides(load_yaml(config), set_))
-    if run_dir is None and not dry_run:
-        raise SparseRecoverError("--run-dir is required (except with --dry-run)")
-    cmd.run(cfg, run_dir, from_stage=from_stage, until_stage=until, force=force, dry_run=dry_run,
-            config_file=config)
-
-
-@app.command()
 def finetune(
     ctx: typer.Context,
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory with a completed prune (or dsnot) stage."),
@@ -277,6 +200,83 @@ def merge(
     if ppl_windows < 1 or ppl_seqlen < 2:
         raise ConfigError("--ppl-windows must be at least 1 and --ppl-seqlen at least 2")
     cmd.run(run_dir, device=device, dtype=dtype, force=force, ppl_windows=ppl_windows, ppl_seqlen=ppl_seqlen)
+
+
+@app.command()
+def audit(
+    run_dir: str = typer.Option(..., "--run-dir", help="Run directory."),
+    stage: List[str] = typer.Option([], "--stage", help="Stage(s) to audit (default: every checkpoint stage)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="One line per linear."),
+):
+    """Check each stage's zeros against its stored masks, N:M groups and per-group budgets."""
+    from sparse_recover.commands import audit as cmd
+
+    cmd.run(run_dir, stages=stage or None, as_json=json_out, verbose=verbose)
+
+
+@app.command("eval")
+def eval_(
+    run_dir: str = typer.Option(..., "--run-dir", help="Run directory."),
+    stage: str = typer.Option("prune", "--stage", help="dense | prune | dsnot"),
+    tasks: str = typer.Option("ppl", "--tasks", help="Comma-separated: ppl, zeroshot (7 tasks, acc), mmlu (5-shot), "
+                              "wiki-suite (offline), or any lm-eval task name."),
+    ppl_data: str = typer.Option("auto", "--ppl-data", help="wikitext2 | wiki-en | FILE (auto: wiki-en for built-in models, else wikitext2)."),
+    seqlen: int = typer.Option(2048, "--seqlen", help="Perplexity window length."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N perplexity windows / N examples per lm-eval task."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="auto or an integer (perplexity: windows per call)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local copies of the standard tasks (DATA_DIR/<task>/<split>.jsonl)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Override the n-shot of every lm-eval task."),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    force: bool = typer.Option(False, "--force", help="Measure again even if the result exists."),
+):
+    """Evaluate a stage of a run directory: perplexity and lm-eval tasks."""
+    from sparse_recover.commands import evaluate as cmd
+    from sparse_recover.errors import ConfigError
+
+    if batch_size != "auto":
+        if not batch_size.isdigit() or int(batch_size) < 1:
+            raise ConfigError(f"--batch-size must be auto or a positive integer, got {batch_size!r}")
+    cmd.run(run_dir, stage, [t.strip() for t in tasks.split(",") if t.strip()], ppl_data=ppl_data, seqlen=seqlen,
+            limit=limit, batch_size=batch_size if batch_size == "auto" else int(batch_size), device=device,
+            dtype=dtype, force=force, data_dir=data_dir, num_fewshot=num_fewshot)
+
+
+@app.command()
+def report(
+    runs: List[str] = typer.Argument(..., metavar="RUN", help="Run directories."),
+    fmt: str = typer.Option("md", "--format", help="md | csv | json"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Also write a PNG: perplexity and average accuracy by "
+                                       "stage, per-layer sparsity of the first run (needs matplotlib)."),
+    output: Optional[str] = typer.Option(None, "--output", help="Write the table to FILE instead of stdout."),
+):
+    """Table of every run and stage (method, sparsity, perplexity, task accuracies, training cost), read from
+    the manifests and eval files only."""
+    from sparse_recover.commands import report as cmd
+
+    cmd.run(runs, fmt=fmt, plot_path=plot, output=output)
+
+
+@app.command("run")
+def run_(
+    config: str = typer.Argument(..., help="Pipeline YAML: model, calib, prune, dsnot, finetune, merge, audit, eval sections."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Run directory (created if missing); optional with --dry-run."),
+    set_: List[str] = typer.Option([], "--set", help="Override section.key=value (repeatable)."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="First stage to run: prune | dsnot | finetune | merge | audit | eval."),
+    until: Optional[str] = typer.Option(None, "--until", help="Last stage to run."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages, their checkpoints and memory estimates; run nothing."),
+    force: bool = typer.Option(False, "--force", help="Recompute the selected stages even if complete."),
+):
+    """Run a whole pipeline from one YAML; completed stages with the same config are skipped."""
+    from sparse_recover.commands import run as cmd
+    from sparse_recover.config import apply_overrides, load_yaml, validate_pipeline
+
+    cfg = validate_pipeline(apply_overrides(load_yaml(config), set_))
+    if run_dir is None and not dry_run:
+        raise SparseRecoverError("--run-dir is required (except with --dry-run)")
+    cmd.run(cfg, run_dir, from_stage=from_stage, until_stage=until, force=force, dry_run=dry_run,
+            config_file=config)
 
 
 def main(argv: list[str] | None = None) -> None:
