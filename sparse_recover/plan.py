@@ -225,8 +225,11 @@ def estimates(cfg: PipelineConfig, f: ModelFacts, stages: list[str], *, on_gpu: 
         bs = ev.batch_size if isinstance(ev.batch_size, int) else 1
         parts = {"weights": weights, "forward": _forward_work(f, bs, ev.seqlen, nb),
                  "logits": 2 * bs * ev.seqlen * f.vocab * 4}
+        # from_pretrained holds the loaded state dict (and the mapped file's touched pages) next to the
+        # model's own tensors for a moment: about two more copies of the weights on the host
+        load = 2 * f.params * nb
         add("eval", ", ".join(s if s == "dense" else s + "/" for s in cfg.eval_stages()),
-            "eval/<stage>.json", parts, weights if on_gpu else 0, note=", ".join(ev.tasks))
+            "eval/<stage>.json", parts, (weights if on_gpu else 0) + load, note=", ".join(ev.tasks))
     return out
 
 
