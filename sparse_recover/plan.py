@@ -177,15 +177,19 @@ def estimates(cfg: PipelineConfig, f: ModelFacts, stages: list[str], *, on_gpu: 
         return layerwise_estimate(f, offload=offload, **kw), sum(layerwise_estimate(f, offload=True, **kw).values())
 
     windows = c.nsamples * c.seqlen * 8
+    # from_pretrained holds the loaded state dict (and the mapped file's touched pages) next to the
+    # model's own tensors for a moment: about two more copies of the weights on the host, in every
+    # stage that loads a checkpoint
+    load = 2 * f.params * nb
     if "prune" in stages:
         parts, offloaded = layerwise(cfg.prune.method, c.batch_size, cfg.prune.offload)
-        host = (weights if on_gpu else 0) + windows + masks
+        host = (weights if on_gpu else 0) + windows + masks + load
         add("prune", f"model {source_label}; calib {c.source} {c.nsamples}x{c.seqlen}", "prune/ calib/", parts, host,
             offloaded=offloaded)
     if "dsnot" in stages:
         d = cfg.dsnot
         parts, offloaded = layerwise("dsnot", d.batch_size, d.offload)
-        host = (weights if on_gpu else 0) + windows + 2 * masks  # dense model + stored masks + new masks
+        host = (weights if on_gpu else 0) + windows + 2 * masks + load  # dense model + stored and new masks
         add("dsnot", f"prune/ (masks) calib/, dense model {source_label}", "dsnot/", parts, host, offloaded=offloaded)
     if "finetune" in stages:
         ft = cfg.finetune.resolved()
@@ -208,14 +212,14 @@ def estimates(cfg: PipelineConfig, f: ModelFacts, stages: list[str], *, on_gpu: 
             "logits": 3 * mb * L * f.vocab * 4,  # logits, their float32 upcast and gradient
             "merged-weight transient": widest * nb * (0 if ft["method"] == "spp" else 2),
         }
-        host = weights if on_gpu else 0
+        host = (weights if on_gpu else 0) + load
         if ft["method"] == "lors" and ft["ga_init"]:  # dense-shaped float32 gradients offloaded to the host
             host += f.n_blocks * sum(o * i for _, o, i in targets) * 4
         add("finetune", f"{finetune_source(cfg)}/ (checkpoint, masks); data {ft['data']}",
             "finetune/ (adapters, training state)", parts, host)
     if "merge" in stages:
         parts = {"weights": weights, "masks": masks, "fp32 merge of the widest linear": 2 * f.widest[1] * f.widest[2] * 4}
-        add("merge", "finetune/ + its base checkpoint", "merge/", parts, weights if on_gpu else 0)
+        add("merge", "finetune/ + its base checkpoint", "merge/", parts, (weights if on_gpu else 0) + load)
     if "audit" in stages:
         parts = {"one checkpoint": weights, "masks": masks}
         add("audit", ", ".join(s + "/" for s in cfg.checkpoint_stages()), "manifest (audit)", {}, sum(parts.values()),
@@ -225,9 +229,6 @@ def estimates(cfg: PipelineConfig, f: ModelFacts, stages: list[str], *, on_gpu: 
         bs = ev.batch_size if isinstance(ev.batch_size, int) else 1
         parts = {"weights": weights, "forward": _forward_work(f, bs, ev.seqlen, nb),
                  "logits": 2 * bs * ev.seqlen * f.vocab * 4}
-        # from_pretrained holds the loaded state dict (and the mapped file's touched pages) next to the
-        # model's own tensors for a moment: about two more copies of the weights on the host
-        load = 2 * f.params * nb
         add("eval", ", ".join(s if s == "dense" else s + "/" for s in cfg.eval_stages()),
             "eval/<stage>.json", parts, (weights if on_gpu else 0) + load, note=", ".join(ev.tasks))
     return out
