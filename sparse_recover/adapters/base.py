@@ -51,6 +51,17 @@ def base_bias(module: nn.Module) -> torch.Tensor | None:
 class SparseAdapter(nn.Module):
     method: ClassVar[str] = ""
 
+    # Shape rules of the low-rank adapters (LoRS, LoRA, SQFT); SPP overrides both.
+    @staticmethod
+    def check_shape(out_features: int, in_features: int, rank: int) -> str | None:
+        if rank > min(out_features, in_features):
+            return f"rank {rank} is larger than the layer's width {min(out_features, in_features)}"
+        return None
+
+    @staticmethod
+    def trainable_formula(out_features: int, in_features: int, rank: int) -> int:
+        return rank * (out_features + in_features)
+
     def __init__(self, base: nn.Module, keep: torch.Tensor | None, settings: AdapterSettings, name: str = ""):
         super().__init__()
         self.base = base

@@ -28,16 +28,6 @@ class _LoraFactors(SparseAdapter):
         self.lora_A = nn.Parameter(kaiming_uniform_(torch.empty(r, self.in_features, device=dev)))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev))
 
-    @staticmethod
-    def check_shape(out_features: int, in_features: int, rank: int) -> str | None:
-        if rank > min(out_features, in_features):
-            return f"rank {rank} is larger than the layer's width {min(out_features, in_features)}"
-        return None
-
-    @staticmethod
-    def trainable_formula(out_features: int, in_features: int, rank: int) -> int:
-        return rank * (out_features + in_features)
-
     def _delta(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 

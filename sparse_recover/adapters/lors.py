@@ -93,16 +93,6 @@ class LorsAdapter(SparseAdapter):
         self.lora_B = nn.Parameter(kaiming_uniform_(torch.empty(r, self.in_features, device=dev)))
         self.exact_grad = settings.exact_grad
 
-    @staticmethod
-    def check_shape(out_features: int, in_features: int, rank: int) -> str | None:
-        if rank > min(out_features, in_features):
-            return f"rank {rank} is larger than the layer's width {min(out_features, in_features)}"
-        return None
-
-    @staticmethod
-    def trainable_formula(out_features: int, in_features: int, rank: int) -> int:
-        return rank * (out_features + in_features)
-
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         return LorsFn.apply(x, self.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling,
                             self.kept_zeros, self.exact_grad)
