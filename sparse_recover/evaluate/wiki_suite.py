@@ -218,6 +218,7 @@ def task_configs(data_files: dict[str, str]) -> dict[str, dict[str, Any]]:
             "dataset_name": None,
             "dataset_kwargs": {"data_files": {"test": str(data_files[name])}},
             "test_split": "test",
+            "metadata": {"version": float(SUITE_VERSION)},
         }
 
     return {
@@ -230,7 +231,6 @@ def task_configs(data_files: dict[str, str]) -> dict[str, dict[str, Any]]:
                 {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                 {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
             ],
-            "metadata": {"version": float(SUITE_VERSION)},
         },
         "wiki_continuation": {
             **base("wiki_continuation"),
@@ -242,7 +242,6 @@ def task_configs(data_files: dict[str, str]) -> dict[str, dict[str, Any]]:
                 {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                 {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
             ],
-            "metadata": {"version": float(SUITE_VERSION)},
         },
         "wiki_ppl": {
             **base("wiki_ppl"),
@@ -254,7 +253,6 @@ def task_configs(data_files: dict[str, str]) -> dict[str, dict[str, Any]]:
                 {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
                 {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
             ],
-            "metadata": {"version": float(SUITE_VERSION)},
         },
     }
 
