@@ -11,6 +11,9 @@ Variants (same model, mask, sequence length, batch, rank, targets q/k/v/o/gate/u
   spp-naive   SPP with the (out, in) product repeat(alpha) * beta * W materialised through autograd
   spp         our SPP (custom autograd function, W' rebuilt in backward)
   lors        our LoRS (custom autograd function, rearranged adapter gradients)
+  floor       no adapter at all: the frozen model's forward and its backward to the activations (the
+              two matmuls per linear that LoRS cannot avoid, plus everything the variants share). No
+              adapter can step faster; floor / sqft bounds the "x sqft" any implementation can reach.
 Each runs in its own child process: peak memory is that process's peak (host RSS on CPU, with glibc
 told to map large blocks directly so freed transients leave RSS; CUDA max_memory_allocated on GPU); step time is the median of the timed steps (forward + backward +
 AdamW step) after warm-up. Targets: LoRS time <= 1.15x lora and <= 0.7x sqft; LoRS memory <= 1.05x
@@ -31,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-VARIANTS = ("lora", "sqft", "spp-naive", "spp", "lors")
+VARIANTS = ("lora", "sqft", "spp-naive", "spp", "lors", "floor")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -118,7 +121,12 @@ def child(args) -> dict:
     masks = _magnitude_24(model)
     variant = args.child
     torch.manual_seed(1)
-    if variant == "lora":
+    if variant == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.enable_input_require_grads()  # backward runs through every frozen linear to the inputs
+        params = []
+    elif variant == "lora":
         import peft
 
         cfg = peft.LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS, lora_dropout=0.0)
@@ -143,7 +151,7 @@ def child(args) -> dict:
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seqlen), generator=g).to(device)
@@ -156,8 +164,9 @@ def child(args) -> dict:
         t = time.perf_counter()
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
@@ -189,9 +198,17 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args)))
         return
     rows = {}
+    passed, skip = [], False  # the command line for the children, without --variants (either spelling)
+    for a in sys.argv[1:]:
+        if skip or a.startswith("--variants="):
+            skip = False
+            continue
+        if a == "--variants":
+            skip = True
+            continue
+        passed.append(a)
     for variant in args.variants.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", variant] + [
-            a for a in sys.argv[1:] if not a.startswith("--variants")]
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", variant] + passed
         # large blocks straight from mmap and back on free: peak RSS then tracks live tensors, not the
         # allocator's caching of freed transients
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -206,13 +223,16 @@ def main() -> None:
     ref = rows.get("lora")
     print(f"\n{args.arch} {args.device} {args.dtype}, batch {args.batch} x seqlen {args.seqlen}, rank {args.rank}, "
           f"median of {args.steps} steps; memory = {mem_key}")
-    print("| variant | trainable | s/step | x lora | x sqft | peak MiB | mem x lora |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | trainable | s/step | x lora | x sqft | x floor | peak MiB | mem x lora |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def ratio(r, other):
+        return f"{r['step_s'] / rows[other]['step_s']:.2f}" if other in rows else "-"
+
     for v, r in rows.items():
-        tl = f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-"
-        ts = f"{r['step_s'] / rows['sqft']['step_s']:.2f}" if "sqft" in rows else "-"
         ml = f"{r[mem_key] / ref[mem_key]:.3f}" if ref else "-"
-        print(f"| {v} | {r['trainable']:,} | {r['step_s']:.3f} | {tl} | {ts} | {r[mem_key]:.0f} | {ml} |")
+        print(f"| {v} | {r['trainable']:,} | {r['step_s']:.3f} | {ratio(r, 'lora')} | {ratio(r, 'sqft')} | "
+              f"{ratio(r, 'floor')} | {r[mem_key]:.0f} | {ml} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows}, fh, indent=1)

@@ -153,8 +153,46 @@ def test_spp_init_is_the_reference_one():
     assert adapter.alpha.abs().max() <= spp_alpha_init_bound() and torch.equal(adapter.beta, torch.zeros(OUT, 1))
 
 
+@pytest.fixture(params=["whole", "blocked"])
+def lors_blocks(request, monkeypatch):
+    """Run LoRS with W_eff rebuilt whole, and in blocks of 16 rows (two blocks for OUT = 32: the
+    path large layers take on CPU), with a kept zero in the first block."""
+    import sparse_recover.adapters.lors as lors
+
+    if request.param == "blocked":
+        monkeypatch.setattr(lors, "CPU_BLOCK_BYTES", IN * 4 * 16)
+    return request.param
+
+
+def test_lors_fresh_is_base_bit_for_bit(lors_blocks):
+    adapter, lin, _ = make("lors")
+    x = torch.randn(3, 5, IN)
+    assert torch.equal(adapter(x), F.linear(x, lin.weight, lin.bias))
+
+
+def test_lors_blocked_keeps_kept_zeros_in_every_block(monkeypatch):
+    import sparse_recover.adapters.lors as lors
+
+    monkeypatch.setattr(lors, "CPU_BLOCK_BYTES", IN * 4 * 16)
+    lin, keep = sparse_linear(3, kept_zero=False)
+    with torch.no_grad():  # one kept zero in each of the two row blocks
+        for row in (2, 20):
+            col = int(keep[row].nonzero()[0, 0])
+            lin.weight[row, col] = 0.0
+    adapter = LorsAdapter(lin, keep, AdapterSettings(rank=R, scaling=2.0), name="layer")
+    assert adapter.kept_zeros.numel() == 2
+    train_a_little(adapter)
+    blocks = lors._EffectiveBlocks(adapter.weight, adapter.lora_A, adapter.lora_B, 2.0, adapter.kept_zeros)
+    assert blocks.rows == 16
+    with torch.no_grad():
+        w_eff = torch.cat([blk.clone() for _, blk in blocks])
+    w = lin.weight.detach()
+    expected = (w + 2.0 * adapter.lora_A.detach() @ adapter.lora_B.detach()) * keep
+    assert torch.equal(w_eff != 0, keep) and torch.allclose(w_eff, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("exact", [False, True])
-def test_lors_backward(exact):
+def test_lors_backward(exact, lors_blocks):
     adapter, lin, keep = make("lors", exact_grad=exact, scaling=4.0)
     train_a_little(adapter)
     x = torch.randn(3, 5, IN, requires_grad=True)
