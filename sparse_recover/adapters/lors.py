@@ -90,9 +90,9 @@ def _linear_effective(x2: torch.Tensor, blocks: _EffectiveBlocks, bias: torch.Te
     """x2 (T, in) @ W_eff^T + bias -> (T, out), W_eff built block by block. Each output column is
     computed exactly as F.linear computes it (same addmm per column block)."""
     out_f = blocks.weight.shape[0]
-    if blocks.rows >= out_f:
-        for _, blk in blocks:
-            return torch.nn.functional.linear(x2, blk, bias)
+    if blocks.rows >= out_f:  # one block: the whole W_eff
+        _, blk = next(iter(blocks))
+        return torch.nn.functional.linear(x2, blk, bias)
     y = torch.empty(x2.shape[0], out_f, dtype=x2.dtype, device=x2.device)
     for rows, blk in blocks:
         y[:, rows] = torch.nn.functional.linear(x2, blk, None if bias is None else bias[rows])
@@ -101,9 +101,9 @@ def _linear_effective(x2: torch.Tensor, blocks: _EffectiveBlocks, bias: torch.Te
 
 def _grad_input_effective(g: torch.Tensor, blocks: _EffectiveBlocks) -> torch.Tensor:
     """g (T, out) @ W_eff -> (T, in), W_eff built block by block."""
-    if blocks.rows >= blocks.weight.shape[0]:
-        for _, blk in blocks:
-            return g @ blk
+    if blocks.rows >= blocks.weight.shape[0]:  # one block: the whole W_eff
+        _, blk = next(iter(blocks))
+        return g @ blk
     gx = None
     for rows, blk in blocks:
         gx = g[:, rows] @ blk if gx is None else gx.addmm_(g[:, rows], blk)
