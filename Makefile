@@ -55,6 +55,8 @@ bench: setup
 	$(PY) scripts/bench_prune.py
 	$(PY) scripts/bench_finetune.py
 	$(PY) scripts/bench_eval.py
+	$(PY) scripts/bench_masks.py
+	$(PY) scripts/bench_plan_memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

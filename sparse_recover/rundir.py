@@ -23,16 +23,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sparse_recover.errors import RunDirError
+from sparse_recover.records import Manifest, ModelEntry, StageRecord, schema_problem
+from sparse_recover.stages import STAGES, command_for, dependents, differences
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-STAGE_COMMANDS = {
-    "prune": "sparse-recover prune --run-dir {run} --model ... --method ...",
-    "dsnot": "sparse-recover dsnot --run-dir {run}",
-    "finetune": "sparse-recover finetune --run-dir {run}",
-    "merge": "sparse-recover merge --run-dir {run}",
-}
-CHECKPOINT_STAGES = ("prune", "dsnot", "merge")
 
 
 def _umask() -> int:
@@ -50,23 +44,16 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _manifest_problem(data: Any) -> str | None:
-    """What makes `data` not a manifest of ours, or None."""
-    if not isinstance(data, dict):
-        return "not a JSON object"
-    fmt = data.get("format", FORMAT_VERSION)
-    if not isinstance(fmt, int) or isinstance(fmt, bool):
-        return f"'format' must be an integer, got {fmt!r}"
-    if "model" in data and not isinstance(data["model"], dict):
-        return "'model' must be an object"
-    for section in ("stages", "evals"):
-        value = data.get(section, {})
-        if not isinstance(value, dict):
-            return f"'{section}' must be an object"
-        for key, entry in value.items():
-            if not isinstance(entry, dict):
-                return f"'{section}.{key}' must be an object"
-    return None
+def recorded_inputs(stage: str, rec: StageRecord) -> list[str]:
+    """The stages a record was computed from (records of the first release name them differently)."""
+    if rec.inputs:
+        return list(rec.inputs)
+    extra = rec.model_extra or {}
+    if stage == "finetune" and extra.get("from"):
+        return [extra["from"]]
+    if stage == "merge":
+        return ["finetune"]
+    return list(STAGES[stage].inputs) if stage in STAGES else []
 
 
 class RunDir:
@@ -94,23 +81,36 @@ class RunDir:
                     f"{self.path} is not empty and has no {MANIFEST}: not a run directory (choose a new --run-dir)"
                 )
 
-    def read(self) -> dict[str, Any]:
-        if not self.exists():
-            return {"format": FORMAT_VERSION, "stages": {}, "evals": {}}
-        try:
-            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RunDirError(f"corrupted manifest {self.manifest_path}: {exc}") from None
-        problem = _manifest_problem(data)
-        if problem:
-            raise RunDirError(f"corrupted manifest {self.manifest_path}: {problem}")
-        if data.get("format", FORMAT_VERSION) > FORMAT_VERSION:
-            raise RunDirError(f"{self.manifest_path} was written by a newer sparse-recover (format {data['format']})")
-        data.setdefault("stages", {})
-        data.setdefault("evals", {})
-        return data
+    def manifest(self) -> Manifest:
+        """The typed manifest (an empty one before the first stage). A manifest that is not JSON or
+        fails the schema is one line naming the file and the field (exit 5)."""
+        from pydantic import ValidationError
 
-    def write(self, data: dict[str, Any]) -> None:
+        if not self.exists():
+            return Manifest()
+        from sparse_recover.safeio import read_json
+
+        data = read_json(self.manifest_path, error=RunDirError, what="manifest")
+        if not isinstance(data, dict):
+            raise RunDirError(f"corrupted manifest {self.manifest_path}: not a JSON object")
+        try:
+            return Manifest.model_validate(data)
+        except ValidationError as exc:
+            raise RunDirError(f"corrupted manifest {self.manifest_path}: {schema_problem(exc)}") from None
+
+    def read(self) -> dict[str, Any]:
+        """The manifest as plain data (validated through the typed schema)."""
+        return self.manifest().dump()
+
+    def write(self, data: dict[str, Any] | Manifest) -> None:
+        from pydantic import ValidationError
+
+        if not isinstance(data, Manifest):
+            try:
+                data = Manifest.model_validate(data)
+            except ValidationError as exc:  # a bug of ours: never write what we could not read back
+                raise ValueError(f"refusing to write an invalid manifest: {schema_problem(exc)}") from None
+        data = data.dump()
         self.path.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=self.path)
         try:
@@ -161,17 +161,85 @@ class RunDir:
     def stage_entry(self, stage: str) -> dict[str, Any] | None:
         return self.read()["stages"].get(stage)
 
+    def record(self, stage: str) -> StageRecord | None:
+        return self.manifest().stage(stage)
+
     def is_complete(self, stage: str) -> bool:
-        entry = self.stage_entry(stage)
-        return bool(entry and entry.get("status") == "complete" and self.stage_dir(stage).is_dir())
+        rec = self.record(stage)
+        return bool(rec is not None and rec.complete and self.stage_dir(stage).is_dir())
+
+    def require_run(self) -> Manifest:
+        """The manifest of an existing run directory, or the one line saying it is not one."""
+        if not self.exists():
+            raise RunDirError(f"{self.path} is not a run directory (no {MANIFEST}): run "
+                              f"`{command_for('prune', self.path)}` first")
+        return self.manifest()
 
     def require(self, stage: str) -> Path:
-        if not self.exists():
-            raise RunDirError(f"{self.path} is not a run directory (no {MANIFEST}); start with `sparse-recover prune`")
+        """RUN/<stage> of a completed stage, or one line naming the command that produces it."""
+        rec = self.require_run().stage(stage)
+        if rec is not None and rec.status == "stale" and self.stage_dir(stage).is_dir():
+            raise RunDirError(f"{self.path / stage} is stale ({rec.stale_reason or 'its input was recomputed'}): "
+                              f"run `{command_for(stage, self.path)}` to bring it up to date")
         if not self.is_complete(stage):
-            cmd = STAGE_COMMANDS.get(stage, f"sparse-recover {stage}").format(run=self.path)
-            raise RunDirError(f"run directory {self.path} has no completed {stage} stage: run `{cmd}` first")
+            raise RunDirError(f"run directory {self.path} has no completed {stage} stage: "
+                              f"run `{command_for(stage, self.path)}` first")
         return self.stage_dir(stage)
+
+    def guard(self, stage: str, requested: dict[str, Any], *, force: bool, summary: str = "",
+              recorded: dict[str, Any] | None = None) -> bool:
+        """Whether `stage` must be computed. Call it after validating the request.
+
+        recorded: the record's settings normalised by the caller (default: as stored).
+        Not complete (or stale), or --force: compute. Complete with the same settings: a no-op that says
+        so (False). Complete with other settings: refused with one line naming the differences (exit 5).
+        """
+        rec = self.record(stage)
+        if rec is None or not rec.complete or not self.stage_dir(stage).is_dir() or force:
+            return True
+        diffs = differences(stage, rec.config if recorded is None else recorded, requested)
+        if diffs:
+            raise RunDirError(f"{stage} stage in {self.path} is already complete with other settings "
+                              f"({'; '.join(diffs)}): use --force to recompute it (and every stage computed "
+                              "from it), or another --run-dir")
+        print(f"{stage} stage already complete in {self.path} with the same settings{summary}: nothing to do "
+              "(use --force to redo it)")
+        return False
+
+    def commit(self, stage: str, record: StageRecord | dict[str, Any], *,
+               model_entry: dict[str, Any] | None = None) -> StageRecord:
+        """Record a stage whose folder is in place: every stage computed from its previous version becomes
+        stale, and their evaluation results (and this stage's) are dropped, so nothing stale is reported."""
+        manifest = self.manifest()
+        record = record if isinstance(record, StageRecord) else StageRecord.model_validate(record)
+        manifest.stages[stage] = record
+        if model_entry is not None:
+            manifest.model = ModelEntry.model_validate(model_entry)
+        for name in [stage, *self.invalidate(manifest, stage)]:
+            self._drop_evals(manifest, name)
+        self.write(manifest)
+        return record
+
+    def invalidate(self, manifest: Manifest, stage: str) -> list[str]:
+        """Mark every complete stage computed from `stage` stale; returns their names."""
+        reads = {name: recorded_inputs(name, rec) for name, rec in manifest.stages.items()}
+        stale = []
+        for name in dependents(stage, reads):
+            rec = manifest.stages.get(name)
+            if rec is not None and rec.complete:
+                rec.status, rec.stale_reason = "stale", f"computed from an earlier {stage} stage"
+                stale.append(name)
+                print(f"{name}: computed from the previous {stage} stage and now stale: run "
+                      f"`{command_for(name, self.path)}`")
+        return stale
+
+    def _drop_evals(self, manifest: Manifest, stage: str) -> None:
+        dropped = manifest.evals.pop(stage, None)
+        file = self.path / "eval" / f"{stage}.json"
+        if file.is_file():
+            file.unlink()
+        if dropped and stage in manifest.stages and manifest.stages[stage].status == "stale":
+            setattr(manifest.stages[stage], "stale_evals", dropped)
 
     @contextlib.contextmanager
     def staging(self, *names: str) -> Iterator[list[Path]]:

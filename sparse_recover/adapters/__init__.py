@@ -7,7 +7,7 @@ from sparse_recover.adapters.lora_masked import LoraRemaskAdapter, SqftAdapter
 from sparse_recover.adapters.lors import LorsAdapter
 from sparse_recover.adapters.spp import SppAdapter
 from sparse_recover.adapters.model import (attach_adapters, adapter_state_dict, find_targets, load_adapter_state,
-                                           merge_adapters, unload_adapters)
+                                           merge_adapters, read_adapter_config, unload_adapters)
 
 ADAPTERS: dict[str, type[SparseAdapter]] = {
     "spp": SppAdapter,
@@ -27,4 +27,4 @@ def get_adapter(method: str) -> type[SparseAdapter]:
 
 
 __all__ = ["ADAPTERS", "AdapterSettings", "SparseAdapter", "get_adapter", "attach_adapters", "adapter_state_dict",
-           "find_targets", "load_adapter_state", "merge_adapters", "unload_adapters"]
+           "find_targets", "load_adapter_state", "merge_adapters", "read_adapter_config", "unload_adapters"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,7 +79,34 @@ def adapter_state_dict(adapters: dict[str, SparseAdapter]) -> dict[str, torch.Te
             for name, a in adapters.items() for pname, p in a.adapter_parameters().items()}
 
 
-def load_adapter_state(adapters: dict[str, SparseAdapter], state: dict[str, torch.Tensor]) -> None:
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """adapter_config.json of a fine-tune stage: a JSON object with the adapter `method`, the stage it
+    was trained `from` and the `resolved` settings (with the `targets`). Damaged or incomplete, it is
+    one line naming the file (RunDirError, exit 5)."""
+    from sparse_recover.errors import RunDirError
+    from sparse_recover.safeio import read_json
+
+    cfg = read_json(path, error=RunDirError, what="adapter config")
+    problem = None
+    if not isinstance(cfg, dict):
+        problem = "not a JSON object"
+    elif not isinstance(cfg.get("method"), str) or not isinstance(cfg.get("from"), str):
+        problem = "lacks the adapter 'method' or the stage it was trained 'from'"
+    elif not isinstance(cfg.get("resolved"), dict) or not isinstance(cfg["resolved"].get("targets"), list):
+        problem = "lacks the 'resolved' settings with their 'targets'"
+    if problem:
+        raise RunDirError(f"adapter config {path}: {problem}")
+    return cfg
+
+
+def load_adapter_state(adapters: dict[str, SparseAdapter], state: dict[str, torch.Tensor] | str | Path) -> None:
+    """Copy saved adapter weights into `adapters`: a state dict, or the path of an adapter.safetensors
+    (read through safeio: a damaged file is one line naming it, RunDirError, exit 5)."""
+    if isinstance(state, (str, Path)):
+        from sparse_recover.errors import RunDirError
+        from sparse_recover.safeio import load_safetensors
+
+        state = load_safetensors(state, error=RunDirError, what="adapter weights")
     expected = {f"{name}.{pname}": p for name, a in adapters.items() for pname, p in a.adapter_parameters().items()}
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))

@@ -1,1 +1,2 @@
-"""Evaluation: perplexity (reference WikiText-2 protocol); lm-eval tasks come later."""
+"""Evaluation: perplexity (ppl.py, reference WikiText-2 protocol) and lm-eval tasks (harness.py, the facade over
+tasks.py, local_data.py and lm_eval_run.py), with the built-in offline suite (wiki_suite.py)."""

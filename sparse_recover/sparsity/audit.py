@@ -9,6 +9,7 @@ every pruned position of the checkpoint is exactly zero. A weight that is zero b
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,20 @@ import torch
 
 from sparse_recover.sparsity.io import MASKS_FILE, load_masks, masks_sha256
 from sparse_recover.sparsity.masks import nm_group_counts
-from sparse_recover.sparsity.patterns import NM, Unstructured, parse_pattern
+from sparse_recover.sparsity.patterns import NM, Pattern
+
+
+@dataclass
+class Expectation:
+    """What a checkpoint promises: its pattern, the comparison group whose kept count is exact
+    (matrix, row, block of `group_size` columns, nm, prune-rows or none), the masks' hash, and the
+    linears that were pruned."""
+
+    pattern: Pattern | None = None
+    group: str = "none"
+    group_size: int | None = None
+    masks_sha256: str | None = None
+    pruned_layers: list[str] = field(default_factory=list)
 
 
 class CheckpointTensors:
@@ -47,7 +61,7 @@ class CheckpointTensors:
             return fh.get_tensor(key)
 
 
-def _budget_ok(keep: torch.Tensor, group: str, pattern) -> bool | None:
+def _budget_ok(keep: torch.Tensor, group: str, pattern, group_size: int | None = None) -> bool | None:
     """Whether every comparison group holds the exact kept count the method guarantees."""
     if isinstance(pattern, NM) or group in ("none", "nm", ""):
         return None
@@ -57,8 +71,8 @@ def _budget_ok(keep: torch.Tensor, group: str, pattern) -> bool | None:
         return bool((keep.sum(dim=1) == cols - int(cols * s)).all())
     if group == "matrix":
         return int(keep.sum()) == keep.numel() - int(keep.numel() * s)
-    if group.startswith("block"):
-        b = int(group[5:])
+    if group == "block" and group_size:
+        b = group_size
         for c0 in range(0, cols, b):
             blk = keep[:, c0 : c0 + b]
             if int(blk.sum()) != blk.numel() - int(blk.numel() * s):
@@ -67,14 +81,16 @@ def _budget_ok(keep: torch.Tensor, group: str, pattern) -> bool | None:
     return None
 
 
-def audit_checkpoint(folder: Path, stage_entry: dict[str, Any] | None,
+def audit_checkpoint(folder: Path, expect: Expectation | None = None,
                      row_reference: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Audit RUN/<stage>: returns a report with per-linear rows and a list of violations.
+    """Audit a checkpoint folder against its masks.safetensors and what it promises; returns a report
+    with per-linear rows and a list of violations.
 
     row_reference: masks of an earlier stage whose per-row kept counts this stage must preserve
     (a refinement such as DSnoT from a stored mask, group "prune-rows").
     """
     folder = Path(folder)
+    expect = expect or Expectation()
     report: dict[str, Any] = {"folder": str(folder), "layers": {}, "violations": []}
     masks_path = folder / MASKS_FILE
     if not masks_path.is_file():
@@ -82,25 +98,16 @@ def audit_checkpoint(folder: Path, stage_entry: dict[str, Any] | None,
         return report
     masks, meta = load_masks(masks_path)
     transposed = set(json.loads(meta.get("transposed", "[]")))
-    entry = stage_entry or {}
-    pattern_name = entry.get("pattern") or meta.get("pattern")
-    target = (entry.get("sparsity") or {}).get("target")
-    pattern = None
-    if pattern_name:
-        pattern = parse_pattern(pattern_name) if pattern_name != "unstructured" else (
-            Unstructured(float(target)) if target else None)
-    group = entry.get("group", "none")
-    if entry.get("masks_sha256") and entry["masks_sha256"] != masks_sha256(masks):
+    pattern, group = expect.pattern, expect.group
+    if expect.masks_sha256 and expect.masks_sha256 != masks_sha256(masks):
         report["violations"].append("masks.safetensors does not match the hash recorded in the manifest")
     try:
         tensors = CheckpointTensors(folder)
     except (FileNotFoundError, json.JSONDecodeError) as exc:
         report["violations"].append(str(exc))
         return report
-    expected = set((entry.get("sparsity") or {}).get("layers", {}).keys())
-    for key in sorted(expected - set(masks)):
-        if "shape" in entry["sparsity"]["layers"][key]:
-            report["violations"].append(f"{key}: no stored mask")
+    for key in sorted(set(expect.pruned_layers) - set(masks)):
+        report["violations"].append(f"{key}: no stored mask")
     total = kept_total = revived_total = 0
     for key, keep in masks.items():
         weight = tensors.get(key)
@@ -132,7 +139,7 @@ def audit_checkpoint(folder: Path, stage_entry: dict[str, Any] | None,
         if group == "prune-rows" and row_reference is not None and key in row_reference:
             budget = bool(torch.equal(keep.sum(dim=1), row_reference[key].sum(dim=1)))
         else:
-            budget = _budget_ok(keep, group, pattern) if pattern is not None else None
+            budget = _budget_ok(keep, group, pattern, expect.group_size) if pattern is not None else None
         if budget is not None:
             row["budget_ok"] = budget
             if not budget:

@@ -21,6 +21,11 @@ class Unstructured:
     def name(self) -> str:
         return "unstructured"
 
+    @property
+    def spec(self) -> str:
+        """One round-trippable string: `unstructured:0.5` (parse_pattern reads it back)."""
+        return f"unstructured:{self.sparsity!r}"
+
     def n_prune(self, numel: int) -> int:
         # int(numel * s), exactly as the reference code computes its counts.
         return int(numel * self.sparsity)
@@ -37,6 +42,10 @@ class NM:
     @property
     def name(self) -> str:
         return f"{self.n}:{self.m}"
+
+    @property
+    def spec(self) -> str:
+        return self.name
 
     @property
     def sparsity(self) -> float:
@@ -56,8 +65,18 @@ _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 def parse_pattern(pattern: str, sparsity: float | None = None) -> Pattern:
-    """Parse `unstructured` (with `sparsity`) or `N:M` (keep N of M). Raises ConfigError with one line."""
+    """Parse `unstructured` (with `sparsity`), `unstructured:S` (a pattern's `spec`) or `N:M` (keep N of M).
+    Raises ConfigError with one line."""
     text = str(pattern).strip().lower()
+    if text.startswith("unstructured:"):
+        value = text.partition(":")[2]
+        try:
+            embedded = float(value)
+        except ValueError:
+            raise ConfigError(f"invalid pattern {pattern!r}: use 'unstructured:S' with 0 < S < 1") from None
+        if sparsity is not None and abs(float(sparsity) - embedded) > 1e-12:
+            raise ConfigError(f"--sparsity {sparsity} contradicts --pattern {pattern}")
+        text, sparsity = "unstructured", embedded
     if text == "unstructured":
         if sparsity is None:
             raise ConfigError("--pattern unstructured needs --sparsity S with 0 < S < 1")

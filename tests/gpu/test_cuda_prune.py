@@ -4,11 +4,11 @@ and peak accelerator memory with --offload stays near one block plus the calibra
 import pytest
 import torch
 
-from sparse_recover.commands.prune import prune_model
+from sparse_recover.engine.prune import prune_model
 from sparse_recover.models import decoder_blocks
 from sparse_recover.pruning import PruneSettings, get_method
 from sparse_recover.sparsity.patterns import NM, Unstructured
-from tests.conftest import build_model
+from tests.helpers import build_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -10,14 +10,9 @@ taken right before and right after that case's own subprocess.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,106 +22,10 @@ import pytest
 
 from sparse_recover.errors import (ConfigError, DataError, ModelSourceError, RunDirError,
                                    SparseRecoverError)
+from tests.helpers import HIDE_PACKAGES, PREFIX, Result, assert_clean_error, run_cli, snapshot
 
-PREFIX = "sparse-recover: error:"
 SMALL = ["--nsamples", "2", "--seqlen", "32"]
-TIMEOUT_S = 180  # per subprocess; a hang (e.g. an endless window redraw) fails the case
 WORKERS = 3  # concurrent subprocesses (mostly torch imports); small on purpose
-
-# Runs `main()` with importlib.util.find_spec blind to some top-level packages, as if they were not
-# installed: argv[1] = comma-separated package names, the rest = the CLI arguments.
-HIDE_PACKAGES = """\
-import importlib.util, sys
-_find_spec = importlib.util.find_spec
-_hidden = set(sys.argv[1].split(","))
-def _blind(name, package=None):
-    return None if name.split(".")[0] in _hidden else _find_spec(name, package)
-importlib.util.find_spec = _blind
-sys.argv = ["sparse-recover"] + sys.argv[2:]
-from sparse_recover.cli import main
-main()
-"""
-
-
-# --------------------------------------------------------------------------------------------------
-# running and checking
-
-
-def _env(cache: Path, extra: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               SPARSE_RECOVER_NO_PROGRESS="1", TOKENIZERS_PARALLELISM="false",
-               SPARSE_RECOVER_CACHE=str(cache))
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Result:
-    args: list[str]
-    returncode: int | None
-    stdout: str
-    stderr: str
-    elapsed: float
-    timed_out: bool = False
-
-
-def run_cli(args, cwd: Path, cache: Path, *, python_args=("-m", "sparse_recover"), env=None) -> Result:
-    args = [str(a) for a in args]
-    cmd = [sys.executable, *python_args, *args]
-    start = time.monotonic()
-    try:
-        res = subprocess.run(cmd, cwd=cwd, env=_env(cache, env or {}), capture_output=True, text=True,
-                             timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        return Result(args, None, out, err, time.monotonic() - start, timed_out=True)
-    return Result(args, res.returncode, res.stdout, res.stderr, time.monotonic() - start)
-
-
-def snapshot(path: Path):
-    """None if absent; else {relative path: ('dir',) | ('file', size, sha256)} for the whole tree."""
-    if not path.exists() and not path.is_symlink():
-        return None
-    if not path.is_dir():
-        return {".": ("file", path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())}
-    tree = {}
-    for root, dirs, files in os.walk(path):
-        for d in dirs:
-            tree[os.path.relpath(os.path.join(root, d), path)] = ("dir",)
-        for f in files:
-            p = Path(root, f)
-            tree[os.path.relpath(p, path)] = ("file", p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
-    return tree
-
-
-def stderr_lines(res: Result) -> list[str]:
-    # tqdm redraws with '\r': treat it as a line break too
-    return [line for line in re.split(r"[\r\n]+", res.stderr) if line.strip()]
-
-
-def assert_clean_error(res: Result, exit_code: int, needles=(), strict_stderr: bool = True) -> str:
-    """The contract: the documented non-zero exit code, no traceback, ONE `sparse-recover: error:`
-    line, last on stderr, and (strict) nothing else on stderr. Returns the message."""
-    where = (f"\n--- {' '.join(res.args)}\n--- rc={res.returncode} in {res.elapsed:.1f}s"
-             f"\n--- stdout:\n{res.stdout[-3000:]}\n--- stderr:\n{res.stderr[-3000:]}")
-    assert not res.timed_out, f"did not finish within {TIMEOUT_S}s" + where
-    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout, "traceback printed" + where
-    assert res.returncode != 0, "exit code 0 on bad input" + where
-    assert res.returncode == exit_code, f"exit code {res.returncode}, expected {exit_code}" + where
-    lines = stderr_lines(res)
-    errors = [line for line in lines if line.startswith(PREFIX)]
-    assert len(errors) == 1, f"expected exactly one '{PREFIX}' line" + where
-    assert lines[-1] == errors[0], "the error line is not the last line on stderr" + where
-    if strict_stderr:
-        assert lines == errors, "stderr holds more than the one error line" + where
-    message = errors[0][len(PREFIX):].strip()
-    assert message, "empty error message" + where
-    for needle in needles:
-        assert needle.lower() in message.lower(), f"{needle!r} not in the message {message!r}" + where
-    return message
-
 
 # --------------------------------------------------------------------------------------------------
 # the cases

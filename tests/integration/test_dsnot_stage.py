@@ -8,13 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sparse_recover.commands import audit as audit_cmd
-from sparse_recover.commands import dsnot as dsnot_cmd
-from sparse_recover.commands import evaluate as eval_cmd
 from sparse_recover.errors import ConfigError, RunDirError
 from sparse_recover.sparsity.io import load_masks
 from sparse_recover.sparsity.masks import nm_group_counts
-from tests.integration.test_prune_families import prune
+from tests.helpers import prune, run_dsnot, run_eval, run_audit
 
 
 def _masks(run, stage):
@@ -24,7 +21,7 @@ def _masks(run, stage):
 def test_dsnot_unstructured_reference_defaults(tiny_models, tmp_path, calib_file, eval_file):
     run = tmp_path / "run"
     prune(tiny_models["llama"], run, calib_file, "wanda", "unstructured", 0.6)
-    entry = dsnot_cmd.run(str(run), max_cycles=20, threshold=0.0)
+    entry = run_dsnot(run, max_cycles=20, threshold=0.0)
     assert entry["config"]["init"] == "recompute" and entry["config"]["targets"] == "attn"
     files = sorted(p.name for p in (run / "dsnot").iterdir())
     assert files == sorted(p.name for p in (run / "prune").iterdir())
@@ -42,16 +39,16 @@ def test_dsnot_unstructured_reference_defaults(tiny_models, tmp_path, calib_file
     out = load_file(str(run / "dsnot" / "model.safetensors"))
     for key, keep in dm.items():
         assert torch.equal(out[key][keep], dense[key][keep]) and (out[key][~keep] == 0).all()
-    report = audit_cmd.run(str(run))
+    report = run_audit(run)
     assert report["dsnot"]["ok"] and report["prune"]["ok"]
-    res, = eval_cmd.run(str(run), "dsnot", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=2).values()
+    res, = run_eval(run, "dsnot", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=2).values()
     assert res["ppl"] > 1
 
 
 def test_max_cycles_zero_reproduces_prune_stage_exactly(tiny_models, tmp_path, calib_file):
     run = tmp_path / "run"
     prune(tiny_models["qwen2"], run, calib_file, "wanda", "unstructured", 0.5)
-    dsnot_cmd.run(str(run), max_cycles=0, targets="all")
+    run_dsnot(run, max_cycles=0, targets="all")
     pm, dm = _masks(run, "prune"), _masks(run, "dsnot")
     assert all(torch.equal(pm[k], dm[k]) for k in pm)
     a = load_file(str(run / "prune" / "model.safetensors"))
@@ -62,19 +59,19 @@ def test_max_cycles_zero_reproduces_prune_stage_exactly(tiny_models, tmp_path, c
 def test_dsnot_nm_all_targets_sign_check(tiny_models, tmp_path, calib_file):
     run = tmp_path / "run"
     prune(tiny_models["mistral"], run, calib_file, "wanda", "2:4")
-    entry = dsnot_cmd.run(str(run), targets="all", sign_check=True, threshold=0.0)
+    entry = run_dsnot(run, targets="all", sign_check=True, threshold=0.0)
     for key, keep in _masks(run, "dsnot").items():
         assert (nm_group_counts(keep, 4) == 2).all()
         assert entry["sparsity"]["layers"][key]["refined"]
-    assert audit_cmd.run(str(run), stages=["dsnot"])["dsnot"]["ok"]
+    assert run_audit(run, stages=["dsnot"])["dsnot"]["ok"]
 
 
 def test_dsnot_after_sparsegpt_uses_stored_mask_and_values(tiny_models, tmp_path, calib_file):
     run = tmp_path / "run"
     prune(tiny_models["llama"], run, calib_file, "sparsegpt", "unstructured", 0.5)
     with pytest.raises(ConfigError, match="--init stored"):
-        dsnot_cmd.run(str(run), init="recompute")
-    entry = dsnot_cmd.run(str(run), targets="all", threshold=0.0)
+        run_dsnot(run, init="recompute")
+    entry = run_dsnot(run, targets="all", threshold=0.0)
     assert entry["config"]["init"] == "stored" and entry["group"] == "prune-rows"
     pm, dm = _masks(run, "prune"), _masks(run, "dsnot")
     pw = load_file(str(run / "prune" / "model.safetensors"))
@@ -86,35 +83,37 @@ def test_dsnot_after_sparsegpt_uses_stored_mask_and_values(tiny_models, tmp_path
         assert torch.equal(dw[key][both], pw[key][both])  # SparseGPT's updated values stay
         assert torch.equal(dw[key][regrown], dense[key][regrown])  # regrown weights take dense values
         assert torch.equal(dm[key].sum(1), pm[key].sum(1))
-    assert audit_cmd.run(str(run))["dsnot"]["ok"]
+    assert run_audit(run)["dsnot"]["ok"]
 
 
 def test_dsnot_deterministic_and_rerun(tiny_models, tmp_path, calib_file, capsys):
     run = tmp_path / "run"
     prune(tiny_models["opt"], run, calib_file, "magnitude", "unstructured", 0.5)  # no windows yet: drawn now
-    a = dsnot_cmd.run(str(run), targets="all", threshold=0.0)
+    a = run_dsnot(run, targets="all", threshold=0.0)
     assert (run / "calib" / "windows.safetensors").is_file()
-    again = dsnot_cmd.run(str(run))
+    again = run_dsnot(run, targets="all", threshold=0.0)
     assert "already complete" in capsys.readouterr().out and again["finished"] == a["finished"]
-    b = dsnot_cmd.run(str(run), targets="all", threshold=0.0, force=True)
+    with pytest.raises(RunDirError, match="other settings .*threshold: 0.0 -> 0.1"):
+        run_dsnot(run)  # a completed stage with other settings is refused, not reported as done
+    b = run_dsnot(run, targets="all", threshold=0.0, force=True)
     assert a["masks_sha256"] == b["masks_sha256"]
 
 
 def test_dsnot_bad_input(tiny_models, tmp_path, calib_file):
     with pytest.raises(RunDirError, match="sparse-recover prune"):
-        dsnot_cmd.run(str(tmp_path / "nothing"))
+        run_dsnot(tmp_path / "nothing")
     run = tmp_path / "run"
     prune(tiny_models["llama"], run, calib_file, "wanda", "2:4")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     for kwargs in ({"max_cycles": -1}, {"threshold": -0.5}, {"targets": "ffn"}, {"init": "random"}):
         with pytest.raises(ConfigError):
-            dsnot_cmd.run(str(run), **kwargs)
+            run_dsnot(run, **kwargs)
     manifest = json.loads((run / "manifest.json").read_text())
     manifest["model"]["spec"] = str(tmp_path / "deleted-model")
     (run / "manifest.json").write_text(json.dumps(manifest))
     before[run / "manifest.json"] = (run / "manifest.json").read_bytes()
     with pytest.raises(RunDirError, match="no longer available"):
-        dsnot_cmd.run(str(run))
+        run_dsnot(run)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 

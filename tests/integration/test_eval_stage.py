@@ -10,11 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sparse_recover.commands import evaluate as eval_cmd
 from sparse_recover.errors import ConfigError, DataError, RunDirError
-from tests.integration.test_cli_errors import assert_clean_error, run_cli, snapshot
-from tests.integration.test_harness import data_dir, stock_lm_eval_cli  # noqa: F401  (data_dir is a fixture)
-from tests.integration.test_prune_families import prune
+from tests.helpers import assert_clean_error, prune, run_cli, snapshot, stock_lm_eval_cli, run_eval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,12 +21,12 @@ def measured_run(tmp_path_factory, tiny_models, calib_file, eval_file):
     """A Wanda 2:4 run of the tiny LLaMA whose prune stage already has a perplexity result."""
     run = tmp_path_factory.mktemp("eval-run") / "RUN"
     prune(tiny_models["llama"], run, calib_file, "wanda", "2:4")
-    eval_cmd.run(str(run), "prune", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=2, device="cpu")
+    run_eval(run, "prune", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=2, device="cpu")
     assert (run / "eval" / "prune.json").is_file()
     return run
 
 
-def _boolq_only(tmp_path: Path, data_dir: Path) -> Path:  # noqa: F811
+def _boolq_only(tmp_path: Path, data_dir: Path) -> Path:
     folder = tmp_path / "local-tasks"
     shutil.copytree(data_dir / "boolq", folder / "boolq")
     return folder
@@ -60,7 +57,7 @@ SLOW_CASES = ("unknown-task-close-match", "unknown-group-close-match", "hub-task
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW_CASES else [])
                                   for c in CASES])
-def test_eval_bad_input_leaves_results(case, measured_run, data_dir, tmp_path):  # noqa: F811
+def test_eval_bad_input_leaves_results(case, measured_run, data_dir, tmp_path):
     run = tmp_path / "RUN"
     shutil.copytree(measured_run, run)
     build, code, needles = CASES[case]
@@ -75,12 +72,12 @@ def test_eval_bad_input_leaves_results(case, measured_run, data_dir, tmp_path): 
 
 
 @pytest.mark.integration
-def test_stage_zero_shot_equals_stock_lm_eval_cli(measured_run, data_dir, tmp_path):  # noqa: F811
+def test_stage_zero_shot_equals_stock_lm_eval_cli(measured_run, data_dir, tmp_path):
     """`sparse-recover eval --stage prune --data-dir` gives the accuracies of `lm_eval --model hf
     --model_args pretrained=RUN/prune` on the same rows with the stock prompts (hand-written YAMLs)."""
     run = tmp_path / "RUN"
     shutil.copytree(measured_run, run)
-    res = eval_cmd.run(str(run), "prune", ["boolq", "arc_easy"], data_dir=str(data_dir), batch_size=1, device="cpu")
+    res = run_eval(run, "prune", ["boolq", "arc_easy"], data_dir=str(data_dir), batch_size=1, device="cpu")
     ours, = res.values()
     stored = json.loads((run / "eval" / "prune.json").read_text())
     assert stored[next(k for k in stored if k.startswith("lm-eval/"))]["tasks"] == ours["tasks"]

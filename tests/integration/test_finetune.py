@@ -16,28 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from sparse_recover.adapters import ADAPTERS
-from sparse_recover.commands import audit as audit_cmd
-from sparse_recover.commands import finetune as ft_cmd
-from sparse_recover.commands import merge as merge_cmd
 from sparse_recover.config import FinetuneSection
+from sparse_recover.engine.finetune import WORK_DIR
 from sparse_recover.sparsity.io import load_masks
-from tests.integration.test_cli_errors import assert_clean_error, run_cli, snapshot
-from tests.integration.test_prune_families import prune
+from tests.helpers import QUICK, assert_clean_error, prune, run_cli, snapshot, run_audit, run_finetune, run_merge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-QUICK = dict(seqlen=32, max_steps=4, batch_size=4, micro_batch_size=2, eval_every=4, save_every=2, val_size=8,
-             max_train_samples=64, init_samples=8, lr=5e-3)
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory) -> Path:
-    from sparse_recover.data import wiki_en_part
-
-    path = tmp_path_factory.mktemp("ftdata") / "train.txt"
-    path.write_text("\n\n".join(wiki_en_part("train")[600:900]), encoding="utf-8")
-    return path
-
 
 @pytest.fixture(scope="module")
 def pruned_runs(tiny_models, tmp_path_factory, calib_file) -> dict[str, Path]:
@@ -61,12 +45,12 @@ def test_finetune_merge_audit(pruned_runs, tmp_path, train_file, method, family)
     targets = ["c_attn", "c_proj", "c_fc"] if family == "gpt2" else FinetuneSection().targets
     section = FinetuneSection(method=method, data=str(train_file), targets=targets, rank=8, **QUICK)
     prune_before = snapshot(run / "prune")
-    entry = ft_cmd.run(section, str(run), device="cpu")
+    entry = run_finetune(section, str(run), device="cpu")
     assert entry["train"]["steps"] == 4 and entry["train"]["tokens"] > 0
     assert snapshot(run / "prune") == prune_before  # the sparse base is frozen and untouched
     files = sorted(p.name for p in (run / "finetune").iterdir())
     assert files == ["adapter.safetensors", "adapter_config.json", "trainer_log.json", "training_state"]
-    assert not (run / ft_cmd.WORK_DIR).exists()
+    assert not (run / WORK_DIR).exists()
     # trainable parameters = the per-method formula summed over the adapted linears
     state = load_file(str(run / "finetune" / "adapter.safetensors"))
     assert entry["trainable_params"] == sum(t.numel() for t in state.values())
@@ -75,7 +59,7 @@ def test_finetune_merge_audit(pruned_runs, tmp_path, train_file, method, family)
     expected = sum(cls.trainable_formula(m.shape[0], m.shape[1], 8) for k, m in masks.items()
                    if any(k[: -len(".weight")].endswith(t) for t in targets))
     assert entry["trainable_params"] == expected
-    merged = merge_cmd.run(str(run), device="cpu", ppl_seqlen=32, ppl_windows=4)
+    merged = run_merge(run, device="cpu", ppl_seqlen=32, ppl_windows=4)
     assert merged["max_pruned_abs_delta"] == 0.0
     if method != "lora-remask":
         assert merged["ppl_check"]["agree"], merged["ppl_check"]
@@ -87,7 +71,7 @@ def test_finetune_merge_audit(pruned_runs, tmp_path, train_file, method, family)
         assert torch.equal(mmasks[key], keep)
         w = weights[key].t() if key in transposed else weights[key]
         assert int((w[~keep] != 0).sum()) == 0
-    report = audit_cmd.run(str(run), stages=["merge"])
+    report = run_audit(run, stages=["merge"])
     assert report["merge"]["ok"]
     # the merge checkpoint is a plain transformers checkpoint
     from transformers import AutoModelForCausalLM
@@ -98,7 +82,7 @@ def test_finetune_merge_audit(pruned_runs, tmp_path, train_file, method, family)
     base = load_file(str(run / "prune" / "model.safetensors"))
     assert any(not torch.equal(base[k], weights[k]) for k in masks)
     before = snapshot(run)
-    merge_cmd.run(str(run), device="cpu")
+    run_merge(run, device="cpu")
     assert snapshot(run) == before
 
 
@@ -118,7 +102,7 @@ def test_alpaca_json_instructions(pruned_runs, tmp_path):
     assert "### Response:" in alpaca_prompt("x") and "### Input:" in alpaca_prompt("x", "y")
     run = copy_run(pruned_runs["llama"], tmp_path / "run")
     section = FinetuneSection(method="spp", data=str(data), **{**QUICK, "max_train_samples": None, "val_size": 4, "seqlen": 256})
-    entry = ft_cmd.run(section, str(run), device="cpu")
+    entry = run_finetune(section, str(run), device="cpu")
     assert entry["data"]["kind"] == "instruct" and entry["resolved"]["scaling"] == 2.0
 
 
@@ -133,10 +117,10 @@ def test_resume_after_sigkill_matches_uninterrupted(pruned_runs, tmp_path, train
     assert ok.returncode == 0, ok.stderr[-2000:]
     res = run_cli([*args, "--run-dir", killed], tmp_path, cache, env={"SPARSE_RECOVER_KILL_AFTER_STEP": "3"})
     assert res.returncode == -9  # really killed
-    assert not (killed / "finetune").exists() and (killed / ft_cmd.WORK_DIR / "checkpoint-2").is_dir()
+    assert not (killed / "finetune").exists() and (killed / WORK_DIR / "checkpoint-2").is_dir()
     again = run_cli([*args, "--run-dir", killed], tmp_path, cache)  # without --resume: refuses, nothing lost
     assert_clean_error(again, 5, ["--resume"])
-    assert (killed / ft_cmd.WORK_DIR / "checkpoint-2").is_dir()
+    assert (killed / WORK_DIR / "checkpoint-2").is_dir()
     resumed = run_cli([*args, "--run-dir", killed, "--resume"], tmp_path, cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(str(full / "finetune" / "adapter.safetensors"))
@@ -178,9 +162,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(pruned_runs, tmp_p
     section = FinetuneSection(method="lora-remask", data=str(train_file),
                               **{**QUICK, "lr": 1e30, "save_every": 1, "max_steps": 6, "max_grad_norm": None})
     with pytest.raises(NumericalError, match="checkpoint"):
-        ft_cmd.run(section, str(run), device="cpu")
+        run_finetune(section, str(run), device="cpu")
     assert not (run / "finetune").exists()
-    assert any(p.name.startswith("checkpoint-") for p in (run / ft_cmd.WORK_DIR).iterdir())
+    assert any(p.name.startswith("checkpoint-") for p in (run / WORK_DIR).iterdir())
 
 
 # ------------------------------------------------------------------------------------------ bad input

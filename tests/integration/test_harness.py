@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sparse_recover.errors import ConfigError, DataError
 from sparse_recover.evaluate.harness import check_tasks, run_lm_eval
+from tests.helpers import hand_written_tasks, stock_lm_eval_cli, write_jsonl
 
 _THREADS = __import__("torch").get_num_threads()
-BOOLQ_PROMPT = "{{passage}}\nQuestion: {{question}}?\nAnswer:"
-ARC_PROMPT = "Question: {{question}}\nAnswer:"
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 
 
 @pytest.fixture(scope="module")
@@ -29,32 +23,6 @@ def llama(tiny_models):
 
     path = tiny_models["llama"]
     return load_model(str(path), dtype=torch.float32), load_tokenizer(str(path)), path
-
-
-def _write_jsonl(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """Tiny BoolQ (aps/super_glue boolq schema) and ARC (allenai/ai2_arc schema) files, from wiki-en text."""
-    from sparse_recover.data import wiki_en_part
-
-    texts = wiki_en_part("eval")[:16]
-    root = tmp_path_factory.mktemp("data-dir")
-    boolq = [{"question": f"is this text about {t.split()[0].lower()}", "passage": " ".join(t.split()[:40]),
-              "idx": i, "label": i % 2} for i, t in enumerate(texts)]
-    _write_jsonl(root / "boolq" / "validation.jsonl", boolq)
-    arc = []
-    for i in range(12):
-        words = texts[i].split()
-        arc.append({"id": f"Mercury_{i}", "question": " ".join(words[:12]) + "?",
-                    "choices": {"text": [words[12 + k] for k in range(4)], "label": ["A", "B", "C", "D"]},
-                    "answerKey": "ABCD"[i % 4]})
-    _write_jsonl(root / "arc_easy" / "test.jsonl", arc)
-    return root
 
 
 def test_wiki_suite_on_tiny_model(llama):
@@ -86,41 +54,6 @@ def _stock_results(model, tok, configs):
     return res["results"]
 
 
-def _hand_written(data_dir: Path) -> list[dict]:
-    return [
-        {"task": "boolq_local", "dataset_path": "json",
-         "dataset_kwargs": {"data_files": {"validation": str(data_dir / "boolq" / "validation.jsonl")}},
-         "output_type": "multiple_choice", "validation_split": "validation", "doc_to_text": BOOLQ_PROMPT,
-         "doc_to_target": "label", "doc_to_choice": ["no", "yes"], "metric_list": [{"metric": "acc"}]},
-        {"task": "arc_local", "dataset_path": "json",
-         "dataset_kwargs": {"data_files": {"test": str(data_dir / "arc_easy" / "test.jsonl")}},
-         "output_type": "multiple_choice", "test_split": "test", "doc_to_text": ARC_PROMPT,
-         "doc_to_target": "{{choices.label.index(answerKey)}}", "doc_to_choice": "{{choices.text}}",
-         "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]},
-    ]
-
-
-def stock_lm_eval_cli(checkpoint: Path, data_dir: Path, tmp_path: Path) -> dict:
-    """Results of the stock `lm_eval` command line (its legacy form: `lm_eval --model hf ...`) on a saved
-    checkpoint, with the hand-written task YAMLs (boolq_local, arc_local) in an --include_path folder."""
-    import yaml
-
-    tasks_dir = tmp_path / "tasks"
-    tasks_dir.mkdir()
-    for cfg in _hand_written(data_dir):
-        (tasks_dir / f"{cfg['task']}.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    out_dir = tmp_path / "out"
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
-         f"pretrained={checkpoint},dtype=float32", "--tasks", "boolq_local,arc_local", "--include_path",
-         str(tasks_dir), "--device", "cpu", "--batch_size", "1", "--num_fewshot", "0", "--output_path", str(out_dir)],
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result_files = sorted(out_dir.rglob("results_*.json"))
-    assert result_files, proc.stdout[-2000:]
-    return json.loads(result_files[-1].read_text())["results"]
-
-
 def test_data_dir_equals_stock_lm_eval(llama, data_dir):
     model, tok, _ = llama
     ours = run_lm_eval(model, tok, ["boolq", "arc_easy"], data_dir=str(data_dir), batch_size=1)
@@ -128,7 +61,7 @@ def test_data_dir_equals_stock_lm_eval(llama, data_dir):
     assert ours["tasks"]["boolq"]["data_files"] == {"validation": str(data_dir / "boolq" / "validation.jsonl")}
     assert ours["tasks"]["boolq"]["n_samples"]["effective"] == 16
     assert ours["tasks"]["arc_easy"]["n_samples"]["effective"] == 12
-    stock = _stock_results(model, tok, _hand_written(data_dir))
+    stock = _stock_results(model, tok, hand_written_tasks(data_dir))
     assert ours["tasks"]["boolq"]["acc"] == stock["boolq_local"]["acc,none"]
     assert ours["tasks"]["arc_easy"]["acc"] == stock["arc_local"]["acc,none"]
     assert ours["tasks"]["arc_easy"]["metrics"]["acc_norm"] == stock["arc_local"]["acc_norm,none"]
@@ -137,7 +70,7 @@ def test_data_dir_equals_stock_lm_eval(llama, data_dir):
 def test_data_dir_accepts_google_boolq_schema(llama, data_dir, tmp_path):
     model, tok, _ = llama
     rows = [json.loads(line) for line in (data_dir / "boolq" / "validation.jsonl").read_text().splitlines()]
-    _write_jsonl(tmp_path / "boolq" / "validation.jsonl",
+    write_jsonl(tmp_path / "boolq" / "validation.jsonl",
                  [{"question": r["question"], "passage": r["passage"], "answer": bool(r["label"])} for r in rows])
     a = run_lm_eval(model, tok, ["boolq"], data_dir=str(data_dir), batch_size=1, limit=8)
     b = run_lm_eval(model, tok, ["boolq"], data_dir=str(tmp_path), batch_size=1, limit=8)
@@ -160,26 +93,26 @@ def test_zeroshot_group_from_data_dir(llama, tmp_path):
     the tasks whose stock YAML preprocesses documents with !function helpers); the group is their mean."""
     model, tok, _ = llama
     n = 4
-    _write_jsonl(tmp_path / "boolq" / "validation.jsonl",
+    write_jsonl(tmp_path / "boolq" / "validation.jsonl",
                  [{"question": f"is item {i} red", "passage": f"Item {i} is red.", "idx": i, "label": i % 2}
                   for i in range(n)])
-    _write_jsonl(tmp_path / "rte" / "validation.jsonl",
+    write_jsonl(tmp_path / "rte" / "validation.jsonl",
                  [{"sentence1": f"A man {i} walks.", "sentence2": "A man moves.", "label": i % 2, "idx": i}
                   for i in range(n)])
-    _write_jsonl(tmp_path / "hellaswag" / "validation.jsonl",
+    write_jsonl(tmp_path / "hellaswag" / "validation.jsonl",
                  [{"ind": i, "activity_label": "Cooking", "ctx_a": "A man cuts onions.", "ctx_b": "then he",
                    "ctx": "A man cuts onions. then he", "endings": ["fries them.", "sings.", "flies.", "sleeps."],
                    "source_id": "x", "split": "val", "split_type": "indomain", "label": str(i % 4)}
                   for i in range(n)])
-    _write_jsonl(tmp_path / "winogrande" / "validation.jsonl",
+    write_jsonl(tmp_path / "winogrande" / "validation.jsonl",
                  [{"sentence": "The trophy did not fit in the suitcase because _ was too big.", "option1": "trophy",
                    "option2": "suitcase", "answer": str(1 + i % 2)} for i in range(n)])
     arc = [{"id": f"q{i}", "question": "Which is a planet?",
             "choices": {"text": ["Mars", "Moon", "Sun", "Comet"], "label": ["A", "B", "C", "D"]},
             "answerKey": "ABCD"[i % 4]} for i in range(n)]
-    _write_jsonl(tmp_path / "arc_easy" / "test.jsonl", arc)
-    _write_jsonl(tmp_path / "arc_challenge" / "test.jsonl", arc)
-    _write_jsonl(tmp_path / "openbookqa" / "test.jsonl",
+    write_jsonl(tmp_path / "arc_easy" / "test.jsonl", arc)
+    write_jsonl(tmp_path / "arc_challenge" / "test.jsonl", arc)
+    write_jsonl(tmp_path / "openbookqa" / "test.jsonl",
                  [{"id": f"q{i}", "question_stem": "The sun is a",
                    "choices": {"text": ["star", "planet", "moon", "rock"], "label": ["A", "B", "C", "D"]},
                    "answerKey": "ABCD"[i % 4]} for i in range(n)])
@@ -196,7 +129,7 @@ def test_zeroshot_group_from_data_dir(llama, tmp_path):
 
 def test_bad_data_dir_rows_are_one_data_error(llama, tmp_path):
     model, tok, _ = llama
-    _write_jsonl(tmp_path / "boolq" / "validation.jsonl", [{"question": "q", "label": 1}])
+    write_jsonl(tmp_path / "boolq" / "validation.jsonl", [{"question": "q", "label": 1}])
     with pytest.raises(DataError, match=r"boolq/validation\.jsonl.*'passage' is undefined"):
         run_lm_eval(model, tok, ["boolq"], data_dir=str(tmp_path))
 
@@ -236,7 +169,7 @@ def test_data_dir_equals_stock_lm_eval_command_line(llama, data_dir, tmp_path):
 @pytest.mark.slow
 def test_mmlu_from_data_dir_five_shot(llama, tmp_path):
     """MMLU from one cais/mmlu-"all"-shaped file per split: 57 subjects, 5-shot, lm-eval's group aggregate."""
-    from sparse_recover.evaluate.harness import _leaves
+    from sparse_recover.evaluate.tasks import stock_leaves as _leaves
 
     model, tok, _ = llama
     subjects = [name[len("mmlu_"):] for name in _leaves("mmlu")[0]]
@@ -248,7 +181,7 @@ def test_mmlu_from_data_dir_five_shot(llama, tmp_path):
                 rows[split].append({"question": f"Question {i} about {s.replace('_', ' ')}?", "subject": s,
                                     "choices": ["one", "two", "three", "four"], "answer": (i + len(s)) % 4})
     for split, r in rows.items():
-        _write_jsonl(tmp_path / "mmlu" / f"{split}.jsonl", r)
+        write_jsonl(tmp_path / "mmlu" / f"{split}.jsonl", r)
     out = run_lm_eval(model, tok, ["mmlu"], data_dir=str(tmp_path), batch_size=4, limit=1)
     group = out["groups"]["mmlu"]
     assert len(group["tasks"]) == 57 and group["n_shot"] == 5

@@ -8,27 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sparse_recover.commands import audit as audit_cmd
-from sparse_recover.commands import evaluate as eval_cmd
 from sparse_recover.commands import prune as prune_cmd
 from sparse_recover.config import PruneConfig, validate
+from sparse_recover.rundir import RunDir
 from sparse_recover.sparsity.io import load_masks
 from sparse_recover.sparsity.masks import nm_group_counts
-from tests.conftest import FAMILIES
-
-SMALL = {"nsamples": 3, "seqlen": 32}
-
-
-def prune(model_dir, run_dir, calib_file, method="wanda", pattern="2:4", sparsity=None, force=False, **extra):
-    prune_extra = {k: v for k, v in extra.items() if k not in ("seed", "batch_size")}
-    calib_extra = {k: v for k, v in extra.items() if k in ("seed", "batch_size")}
-    cfg = validate(PruneConfig, {
-        "model": {"model": str(model_dir), "device": "cpu"},
-        "calib": {"source": str(calib_file), **SMALL, **calib_extra},
-        "prune": {"method": method, "pattern": pattern, "sparsity": sparsity, **prune_extra},
-    })
-    return prune_cmd.run(cfg, str(run_dir), force=force)
-
+from tests.helpers import FAMILIES, SMALL_CALIB, prune, run_eval, run_audit
 
 def _state(folder):
     return load_file(str(folder / "model.safetensors"))
@@ -67,7 +52,7 @@ def test_prune_audit_every_family(tiny_models, tmp_path, calib_file, family, met
             assert torch.equal(pruned[key], value), key
     if family == "gpt2":
         assert transposed == linear_keys
-    report = audit_cmd.run(str(run))
+    report = run_audit(run)
     assert report["prune"]["ok"] and report["prune"]["pruned_nonzero"] == 0
     # floor(width * s) per row / matrix: on 64-wide toy layers that is up to 1/64 under target
     assert 0 <= (sparsity or 0.5) - entry["sparsity"]["overall"] < 1 / 64
@@ -101,9 +86,9 @@ def test_rerun_is_noop_and_force_redoes(tiny_models, tmp_path, calib_file, capsy
     assert again["finished"] == first["finished"]
     assert (run / "prune" / "model.safetensors").stat().st_mtime_ns == mtime
     cfg = validate(PruneConfig, {"model": {"model": str(tiny_models["llama"]), "device": "cpu"},
-                                 "calib": {"source": str(calib_file), **SMALL},
+                                 "calib": {"source": str(calib_file), **SMALL_CALIB},
                                  "prune": {"method": "magnitude", "pattern": "4:8"}})
-    redo = prune_cmd.run(cfg, str(run), force=True)
+    redo = prune_cmd.run(cfg, RunDir(run), force=True)
     assert redo["method"] == "magnitude" and redo["pattern"] == "4:8"
     assert sorted(p.name for p in run.iterdir()) == ["calib", "logs", "manifest.json", "prune"]
 
@@ -128,8 +113,8 @@ def test_failed_stage_leaves_run_dir_untouched(tiny_models, tmp_path, calib_file
 def test_eval_ppl_and_stage_dense(tiny_models, tmp_path, calib_file, eval_file):
     run = tmp_path / "run"
     prune(tiny_models["llama"], run, calib_file, "wanda", "unstructured", 0.5)
-    pruned, = eval_cmd.run(str(run), "prune", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=4).values()
-    dense, = eval_cmd.run(str(run), "dense", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=4).values()
+    pruned, = run_eval(run, "prune", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=4).values()
+    dense, = run_eval(run, "dense", ["ppl"], ppl_data=str(eval_file), seqlen=64, limit=4).values()
     assert pruned["windows"] == dense["windows"] == 4
     assert pruned["ppl"] > 1 and dense["ppl"] > 1
     saved = json.loads((run / "eval" / "prune.json").read_text())
@@ -152,14 +137,14 @@ def test_console_script_help_is_fast_and_lists_commands():
 def test_eval_wiki_suite_and_ppl_in_one_call(tiny_models, tmp_path, calib_file, eval_file, capsys):
     run = tmp_path / "run"
     prune(tiny_models["llama"], run, calib_file, "wanda", "2:4")
-    res = eval_cmd.run(str(run), "prune", ["ppl", "wiki-suite"], ppl_data=str(eval_file), seqlen=64, limit=8,
+    res = run_eval(run, "prune", ["ppl", "wiki-suite"], ppl_data=str(eval_file), seqlen=64, limit=8,
                        batch_size=4)
     assert set(res) == {"ppl/" + str(eval_file) + "/64/limit8", "lm-eval/wiki-suite/limit8"}
     suite = res["lm-eval/wiki-suite/limit8"]
     assert 0 <= suite["groups"]["wiki-suite"]["acc"] <= 1
     saved = json.loads((run / "eval" / "prune.json").read_text())
     assert set(saved) == set(res)
-    again = eval_cmd.run(str(run), "prune", ["wiki-suite"], limit=8)
+    again = run_eval(run, "prune", ["wiki-suite"], limit=8)
     assert "already measured" in capsys.readouterr().out
     assert again["lm-eval/wiki-suite/limit8"]["groups"] == suite["groups"]
 

@@ -13,16 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from sparse_recover.commands import dsnot as dsnot_cmd
-from sparse_recover.commands import evaluate as eval_cmd
-from sparse_recover.commands import finetune as ft_cmd
-from sparse_recover.commands import merge as merge_cmd
-from sparse_recover.commands import report as report_cmd
+from sparse_recover import reporting
 from sparse_recover.config import FinetuneSection
 from sparse_recover.errors import ConfigError, RunDirError
-from tests.integration.test_cli_errors import HIDE_PACKAGES, assert_clean_error, run_cli, snapshot
-from tests.integration.test_finetune import QUICK, train_file  # noqa: F401  (train_file is a fixture)
-from tests.integration.test_prune_families import prune
+from tests.helpers import HIDE_PACKAGES, QUICK, assert_clean_error, prune, run_cli, snapshot, run_dsnot, run_eval, run_finetune, run_merge, run_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +24,7 @@ WIKI = ("wiki_lambada", "wiki_continuation")
 
 
 def _eval(run: Path, stage: str, tasks: list[str], eval_file: Path, seqlen: int = 64):
-    return eval_cmd.run(str(run), stage, tasks, ppl_data=str(eval_file), seqlen=seqlen, limit=2, batch_size=2,
+    return run_eval(run, stage, tasks, ppl_data=str(eval_file), seqlen=seqlen, limit=2, batch_size=2,
                         device="cpu")
 
 
@@ -41,7 +35,7 @@ def runs(tmp_path_factory, tiny_models, calib_file, eval_file):
     root = tmp_path_factory.mktemp("report-runs")
     w24, mag = root / "w24", root / "mag50"
     prune(tiny_models["llama"], w24, calib_file, "wanda", "2:4")
-    dsnot_cmd.run(str(w24), max_cycles=5, device="cpu")
+    run_dsnot(w24, max_cycles=5, device="cpu")
     for stage in ("dense", "prune"):
         _eval(w24, stage, ["ppl", "wiki-suite"], eval_file)
     _eval(w24, "prune", ["ppl"], eval_file, seqlen=32)
@@ -63,7 +57,7 @@ def _one(results: dict, prefix: str) -> dict:
 
 def test_rows_equal_manifests_and_eval_files(runs):
     _, w24, mag = runs
-    rows, tasks, notes, _ = report_cmd.collect([str(w24), str(mag)])
+    rows, tasks, notes, _ = reporting.collect([str(w24), str(mag)])
     assert [(r["run"], r["stage"]) for r in rows] == [("w24", "dense"), ("w24", "prune"), ("w24", "dsnot"),
                                                       ("mag50", "prune")]
     assert tasks == list(WIKI)
@@ -94,13 +88,13 @@ def test_rows_equal_manifests_and_eval_files(runs):
 
 def test_cli_json_csv_md_and_output_file(runs, tmp_path):
     root, w24, mag = runs
-    rows, tasks, _, _ = report_cmd.collect([str(w24), str(mag)])
+    rows, tasks, _, _ = reporting.collect([str(w24), str(mag)])
     cache = tmp_path / "cache"
     res = run_cli(["report", w24, mag, "--format", "json"], tmp_path, cache)
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert isinstance(data, list) and len(data) == 4
-    cols = report_cmd.columns(rows, tasks, with_ppl_eval=True)
+    cols = reporting.columns(rows, tasks, with_ppl_eval=True)
     assert [list(d) for d in data] == [cols] * 4
     assert data == [{c: r[c] for c in cols} for r in rows]
 
@@ -118,7 +112,7 @@ def test_cli_json_csv_md_and_output_file(runs, tmp_path):
     assert res.returncode == 0 and res.stdout == "", res.stderr
     text = out.read_text()
     lines = [line for line in text.splitlines() if line.startswith("|")]
-    assert lines[0] == "| " + " | ".join(report_cmd.columns(rows, tasks, with_ppl_eval=False)) + " |"
+    assert lines[0] == "| " + " | ".join(reporting.columns(rows, tasks, with_ppl_eval=False)) + " |"
     assert len(lines) == 2 + 4
     assert lines[2].startswith("| w24 | dense | dense | dense | 0.0% | ")
     assert f"| {rows[1]['ppl']:.2f} |" in lines[3] and f"{100 * rows[1]['wiki_lambada']:.2f}" in lines[3]
@@ -144,16 +138,16 @@ def test_plot_writes_png(runs, tmp_path):
     assert snapshot(w24) == before  # read only
 
 
-def test_merge_row_carries_training_cost(runs, tmp_path, eval_file, train_file):  # noqa: F811
+def test_merge_row_carries_training_cost(runs, tmp_path, eval_file, train_file):
     """Real finetune (LoRS, a few steps) and merge on a copy of the Wanda 2:4 + DSnoT run; the merge row
     carries the manifest's training cost and the chain of methods."""
     _, w24, _ = runs
     run = tmp_path / "ft"
     shutil.copytree(w24, run)
-    ft = ft_cmd.run(FinetuneSection(method="lors", data=str(train_file), rank=8, **QUICK), str(run), device="cpu")
-    merge_cmd.run(str(run), device="cpu", ppl_seqlen=32, ppl_windows=2)
+    ft = run_finetune(FinetuneSection(method="lors", data=str(train_file), rank=8, **QUICK), str(run), device="cpu")
+    run_merge(run, device="cpu", ppl_seqlen=32, ppl_windows=2)
     _eval(run, "merge", ["ppl", "wiki-suite"], eval_file)
-    rows, tasks, _, info = report_cmd.collect([str(run)])
+    rows, tasks, _, info = reporting.collect([str(run)])
     assert [r["stage"] for r in rows] == ["dense", "prune", "dsnot", "merge"]
     merge = rows[-1]
     assert merge["method"] == "wanda + dsnot + lors" and merge["pattern"] == "2:4"
@@ -167,24 +161,24 @@ def test_merge_row_carries_training_cost(runs, tmp_path, eval_file, train_file):
     evals = _evals(run, "merge")
     assert merge["ppl"] == _one(evals, "ppl/")["ppl"]
     assert merge["wiki_continuation"] == _one(evals, "lm-eval/")["tasks"]["wiki_continuation"]["acc"]
-    assert report_cmd._newest_checkpoint(info[0]["manifest"]) == "merge"
-    md = report_cmd.to_markdown(rows, tasks, [])
+    assert reporting._newest_checkpoint(info[0]["manifest"]) == "merge"
+    md = reporting.to_markdown(rows, tasks, [])
     assert f"| {train['steps']} | {train['tokens']:,} |" in md
 
     del manifest["stages"]["finetune"]["train"]  # an entry without the cost: empty cells, no crash
     (run / "manifest.json").write_text(json.dumps(manifest))
-    merge = report_cmd.collect([str(run)])[0][-1]
+    merge = reporting.collect([str(run)])[0][-1]
     assert merge["method"] == "wanda + dsnot + lors" and merge["train_steps"] is None
 
 
 def test_library_bad_input(runs, tmp_path):
     _, w24, _ = runs
     with pytest.raises(ConfigError, match="at least one"):
-        report_cmd.run([])
+        run_report([])
     with pytest.raises(ConfigError, match="md, csv, json"):
-        report_cmd.run([str(w24)], fmt="xlsx")
+        run_report([str(w24)], fmt="xlsx")
     with pytest.raises(RunDirError, match="not a run directory"):
-        report_cmd.run([str(tmp_path)])
+        run_report([str(tmp_path)])
 
 
 def _foreign(tmp_path: Path) -> Path:

@@ -6,7 +6,7 @@ import torch
 from sparse_recover.calibration import capture_inputs, layerwise
 from sparse_recover.models import decoder_blocks, prunable_linears, weight_2d
 from sparse_recover.sparsity.stats import SqNorm
-from tests.conftest import build_model
+from tests.helpers import build_model
 
 CPU = torch.device("cpu")
 

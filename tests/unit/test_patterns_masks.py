@@ -112,20 +112,17 @@ def test_linear_time_selection_equals_stable_sort_with_many_ties(seed):
 
 
 def test_hub_calibration_sources_fail_closed_offline(monkeypatch):
-    """c4 / wikitext2 are real hub loaders: offline they fail with one clear DataError, never fall back."""
-    import time
-
+    """c4 / wikitext2 are real hub loaders: offline they fail with one clear DataError, never fall back.
+    (How long failing takes, next to loading the built-in corpus: scripts/bench_masks.py.)"""
     from sparse_recover.data import calibration_corpus, evaluation_text
     from sparse_recover.errors import DataError
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    t = time.perf_counter()
     with pytest.raises(DataError, match="allenai/c4"):
         calibration_corpus("c4")
     with pytest.raises(DataError, match="wikitext-2-raw-v1"):
         evaluation_text("wikitext2")
-    assert time.perf_counter() - t < 60
 
 
 def test_yaml_keeps_nm_patterns_as_strings(tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from sparse_recover.errors import DataError
 from sparse_recover.evaluate.ppl import perplexity, tokenize_text
-from tests.conftest import build_model
+from tests.helpers import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

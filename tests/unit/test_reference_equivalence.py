@@ -27,7 +27,7 @@ from sparse_recover.models import decoder_blocks, prunable_linears, weight_2d
 from sparse_recover.pruning import PruneSettings, get_method
 from sparse_recover.sparsity.patterns import NM, Pattern, Unstructured
 from sparse_recover.sparsity.stats import Hessian, SqNorm
-from tests.conftest import build_model, make_tokenizer
+from tests.helpers import build_model, make_tokenizer
 
 NSAMPLES = 8
 SEQLEN = 64
@@ -313,11 +313,11 @@ def ref_args(pattern: Pattern) -> dict:
 
 
 # ==================================================================================================
-# Our side: the engine driven the way sparse_recover/commands/prune.py drives it
+# Our side: the engine driven the way sparse_recover/engine/prune.py drives it
 
 
 def ours_prune(model, windows, method_name: str, settings: PruneSettings, batch_size: int = 1):
-    """(keep masks, statistic per linear) keyed by parameter name, as commands/prune.py computes them."""
+    """(keep masks, statistic per linear) keyed by parameter name, as engine/prune.py computes them."""
     method = get_method(method_name)
     masks: dict[str, torch.Tensor] = {}
     stats_seen: dict[str, torch.Tensor] = {}
@@ -590,6 +590,7 @@ def test_prune_command_masks_equal_reference(tmp_path, tokenizer, documents, met
     from transformers import AutoModelForCausalLM
 
     from sparse_recover.commands.prune import run
+    from sparse_recover.rundir import RunDir
     from sparse_recover.config import CalibSection, ModelSection, PruneConfig, PruneSection
     from sparse_recover.sparsity.io import MASKS_FILE, load_masks
 
@@ -603,7 +604,7 @@ def test_prune_command_masks_equal_reference(tmp_path, tokenizer, documents, met
         calib=CalibSection(source=str(data), nsamples=NSAMPLES, seqlen=SEQLEN, seed=0),
         prune=PruneSection(method=method, pattern=pattern, threshold_rule="reference", **extra),
     )
-    run(cfg, str(tmp_path / "run"))
+    run(cfg, RunDir(tmp_path / "run"))
     masks, _ = load_masks(tmp_path / "run" / "prune" / MASKS_FILE)
     with safe_open(str(tmp_path / "run" / "calib" / "windows.safetensors"), framework="pt") as fh:
         windows = fh.get_tensor("windows")

@@ -10,9 +10,9 @@ import torch
 
 from sparse_recover.adapters import ADAPTERS, AdapterSettings, attach_adapters
 from sparse_recover.adapters.model import trainable_parameters, unload_adapters
-from sparse_recover.errors import ConfigError
-from sparse_recover.train import BatchPlan, TrainSettings, lr_factor, pad_batch
-from tests.conftest import build_model
+from sparse_recover.errors import ConfigError, RunDirError
+from sparse_recover.train import BatchPlan, TrainSettings, build_scheduler, lr_factor, pad_batch
+from tests.helpers import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,3 +111,52 @@ def test_lors_gradient_init_uses_the_mean_weight_gradient():
         (model(**batch).loss / 3).backward()
     for name, mod in targets.items():
         torch.testing.assert_close(got[name], mod.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def _old_lr_factor(step, total, warmup, kind, floor):
+    """The schedule formula of the single-module train.py, restated: build_scheduler must match it bit for bit."""
+    if warmup and step < warmup:
+        return step / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(max((step - warmup) / max(1, total - warmup), 0.0), 1.0)
+    decay = 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * decay
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("warmup", [0, 2])
+@pytest.mark.parametrize("min_lr", [0.0, 3e-5])
+def test_schedules_give_the_earlier_lr_values_bit_for_bit(kind, warmup, min_lr):
+    lr, total = 3e-4, 37
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = build_scheduler(opt, kind, total, warmup, min_lr / lr)
+    got = [sched.get_last_lr()[0]]
+    for _ in range(total):
+        opt.step()
+        sched.step()
+        got.append(sched.get_last_lr()[0])
+    assert got == [lr * _old_lr_factor(s, total, warmup, kind, min_lr / lr) for s in range(total + 1)]
+
+
+@pytest.mark.parametrize("name", ["state.json", "adapter.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt"])
+def test_a_truncated_training_state_file_is_one_line_naming_it(tmp_path, name):
+    from accelerate import Accelerator
+
+    from sparse_recover.train.state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+
+    model = build_model("llama")
+    adapters = attach_adapters(model, ADAPTERS["spp"], {}, AdapterSettings(rank=4, scaling=2.0), ["q_proj"])
+    opt = torch.optim.AdamW(trainable_parameters(adapters), lr=1e-3)
+    sched = build_scheduler(opt, "linear", 10, 1, 0.0)
+    save_checkpoint(Accelerator(cpu=True), tmp_path, Progress(step=3, tokens=96), total=10, adapters=adapters,
+                    optimizer=opt, scheduler=sched)
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt == tmp_path / "checkpoint-3"
+    assert load_checkpoint(ckpt, 0, adapters=adapters, optimizer=opt, scheduler=sched).tokens == 96
+    damaged = ckpt / name
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    with pytest.raises(RunDirError) as err:
+        load_checkpoint(ckpt, 0, adapters=adapters, optimizer=opt, scheduler=sched)
+    message = str(err.value)
+    assert str(damaged) in message and "\n" not in message

@@ -1,0 +1,213 @@
+"""The DSnoT engine: refine the prune stage's masks on the dense model, commit RUN/dsnot.
+
+Reads RUN/prune (masks, the pruning method, the calibration windows) and the dense base model named
+in the manifest, runs the layer-wise engine on the dense model collecting DSnoT's statistics, refines
+each targeted linear's mask, and writes RUN/dsnot with the same shape as RUN/prune.
+
+Reference defaults (what produced the published tables): only attention linears are refined (the
+reference's `--skip_layer mlp`), and the unstructured path skips the same-sign test (its
+`--without_same_sign` argparse flag is always true); MLP linears get the initial mask only.
+`--targets all --sign-check` runs the paper's algorithm on every linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sparse_recover.config import DsnotConfig
+from sparse_recover.errors import ConfigError
+from sparse_recover.rundir import RunDir, now
+
+RECOMPUTE_METHODS = ("wanda", "magnitude")
+SETTINGS_KEYS = ("init", "targets", "sign_check", "max_cycles", "threshold", "pow_var_regrow")
+
+
+def is_attention(name: str) -> bool:
+    lowered = name.lower()
+    return "attn" in lowered or "attention" in lowered
+
+
+def targeted(name: str, targets: str) -> bool:
+    return targets == "all" or (targets == "attn") == is_attention(name)
+
+
+def resolve_init(init: str | None, prune_method: str | None) -> str:
+    """`init: null` means recompute after magnitude/Wanda (the reference), stored after SparseGPT."""
+    if init is None:
+        return "recompute" if prune_method in RECOMPUTE_METHODS else "stored"
+    if init == "recompute" and prune_method not in RECOMPUTE_METHODS:
+        raise ConfigError(
+            f"--init recompute rebuilds the initial mask from {'/'.join(RECOMPUTE_METHODS)} scores inside the pass, "
+            f"which cannot reproduce a {prune_method} mask (SparseGPT's mask comes with OBS-updated weights, and the "
+            "reference's sparsegpt initial path is broken); use --init stored"
+        )
+    return init
+
+
+@dataclass
+class DsnotRequest:
+    cfg: DsnotConfig
+    init: str
+    prune_method: str
+    pattern: Any
+
+    def requested(self) -> dict[str, Any]:
+        d = self.cfg.dsnot
+        return {**{k: getattr(d, k) for k in SETTINGS_KEYS}, "init": self.init}
+
+
+def prepare(cfg: DsnotConfig, rd: RunDir) -> DsnotRequest:
+    rd.require("prune")
+    prune = rd.record("prune")
+    init = resolve_init(cfg.dsnot.init, prune.method)
+    return DsnotRequest(cfg, init, prune.method, prune.parsed_pattern())
+
+
+def dsnot_stage(req: DsnotRequest, rd: RunDir) -> dict[str, Any]:
+    """Compute and commit RUN/dsnot; returns the manifest record."""
+    import sys
+
+    from sparse_recover.config import CalibSection
+    from sparse_recover.data import tensor_sha256
+    from sparse_recover.engine.stageio import (commit_checkpoint, dense_source, inputs_identity, layer_totals,
+                                               load_or_sample_windows, tokenizer_identity)
+    from sparse_recover.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from sparse_recover.refine.dsnot import DSnoTSettings
+    from sparse_recover.runtime import format_seconds, metered, versions
+    from sparse_recover.sparsity.audit import CheckpointTensors
+    from sparse_recover.sparsity.io import MASKS_FILE, load_masks
+    from sparse_recover.sparsity.patterns import NM
+
+    d, runtime, pattern, init = req.cfg.dsnot, req.cfg.model, req.pattern, req.init
+    prune_dir, prune = rd.stage_dir("prune"), rd.record("prune")
+    source = dense_source(rd, "DSnoT needs the dense weights")
+    dev = resolve_device(runtime.device)
+    dt = resolve_dtype(runtime.dtype, dev)
+    tokenizer = load_tokenizer(source.path)
+    calib = CalibSection(**{**prune.config.get("calib", {}), "batch_size": d.batch_size})
+    windows, calib_meta, new_windows = load_or_sample_windows(rd, calib, tokenizer, tokenizer_identity(tokenizer))
+    stored_masks, _ = load_masks(prune_dir / MASKS_FILE)
+    prune_tensors = CheckpointTensors(prune_dir)
+    model = load_model(source, dtype=dt)
+    settings = DSnoTSettings(max_cycles=d.max_cycles, threshold=d.threshold, pow_var_regrow=d.pow_var_regrow,
+                             sign_check=d.sign_check)
+    with metered() as meter:
+        masks, layers, transposed = dsnot_model(
+            model, windows, pattern, settings, init=init, targets=d.targets, prune_method=req.prune_method,
+            stored_masks=stored_masks, prune_tensors=prune_tensors, device=dev, offload=d.offload,
+            batch_size=d.batch_size)
+        timing = meter.stop()
+    overall = layer_totals(layers)
+    swaps = sum(v.get("swaps", 0) for v in layers.values())
+    refined = [v for v in layers.values() if v.get("refined")]
+    err_before = sum(v["error_before"] for v in refined) / max(len(refined), 1)
+    err_after = sum(v["error_after"] for v in refined) / max(len(refined), 1)
+    group = "nm" if isinstance(pattern, NM) else ("row" if init == "recompute" else "prune-rows")
+    reference = all(getattr(d, k) == type(d).model_fields[k].default for k in SETTINGS_KEYS if k != "init")
+    entry = {
+        "status": "complete",
+        "finished": now(),
+        "method": "dsnot",
+        "group": group,
+        "from": "prune",
+        "inputs": inputs_identity(rd, "prune"),
+        "prune_method": req.prune_method,
+        "config": {**req.requested(), "offload": d.offload, "batch_size": d.batch_size, "device": runtime.device,
+                   "dtype": runtime.dtype, "reference_defaults": reference},
+        "device": str(dev),
+        "dtype": str(dt).replace("torch.", ""),
+        "seed": calib.seed,
+        "versions": versions(),
+        "calibration": {**calib_meta, "windows_sha256": tensor_sha256(windows)},
+        "swaps": swaps,
+        "mean_error_before": err_before,
+        "mean_error_after": err_after,
+        "sparsity": {"target": pattern.sparsity, "overall": round(overall, 6), "linears": len(masks), "layers": layers},
+        **timing,
+    }
+    commit_checkpoint(rd, "dsnot", entry, model, tokenizer, masks, transposed, pattern,
+                      windows=windows if new_windows else None, calib_meta=calib_meta,
+                      log_header=f"dsnot {pattern.describe()} init={init} targets={d.targets} sign_check={d.sign_check}")
+    print(f"dsnot: {swaps} swaps over {len(refined)} refined linears ({d.targets}, init {init}), mean |error| "
+          f"{err_before:.4g} -> {err_after:.4g}, {overall:.2%} sparse, in {format_seconds(timing['wall_time_s'])} "
+          f"-> {rd.path / 'dsnot'}", file=sys.stdout)
+    return rd.stage_entry("dsnot")
+
+
+def dsnot_model(model, windows, pattern, settings, *, init: str, targets: str, prune_method: str,
+                stored_masks: dict[str, Any] | None, prune_tensors=None, device, offload: bool = False,
+                batch_size: int = 1, show_progress: bool = True):
+    """Refine the masks of every decoder linear in place on the DENSE `model`; returns
+    (masks, per-layer info, transposed names). Knows nothing of run directories.
+
+    stored_masks: the prune stage's masks (which linears were pruned; the initial masks when
+    init == "stored"); None refines every linear from a recomputed initial mask. prune_tensors: the prune checkpoint's tensors (kept values when "stored").
+    """
+    import torch
+
+    from sparse_recover import refine
+    from sparse_recover.calibration import layerwise
+    from sparse_recover.models import decoder_blocks, is_conv1d, weight_2d
+    from sparse_recover.runtime import progress
+
+    masks: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    transposed: list[str] = []
+
+    def process(ctx) -> None:
+        for group in ctx.groups:
+            stat = ctx.stats.get(group[0])
+            for name in group:
+                mod = ctx.linears[name]
+                key = f"{ctx.prefix}.{name}.weight"
+                if stored_masks is not None and key not in stored_masks:
+                    continue  # the prune stage left this linear dense (never called): so does DSnoT
+                if stat is None:
+                    raise RuntimeError(f"{key} was pruned but never called during the DSnoT pass")
+                dense = weight_2d(mod).detach()
+                if init == "recompute":
+                    metric = dense.abs().float() if prune_method == "magnitude" else None
+                    keep0 = refine.dsnot_initial_keep(dense, stat.sq_norm, pattern, initial_metric=metric)
+                    base = dense
+                else:
+                    metric = None
+                    keep0 = stored_masks[key].to(dense.device)
+                    pruned_w = prune_tensors.get(key)
+                    pruned_w = (pruned_w.t() if is_conv1d(mod) else pruned_w).to(dense.device, dense.dtype)
+                    base = torch.where(keep0, pruned_w, dense)  # kept: prune-stage values; regrown: dense
+                info: dict[str, Any] = {"refined": targeted(name, targets)}
+                if info["refined"]:
+                    res = refine.dsnot_refine(dense, keep0, stat.sq_norm, stat.sum, stat.var, pattern, settings,
+                                              initial_metric=metric)
+                    keep = res.keep
+                    info.update(swaps=res.swaps, error_before=res.error_before.mean_abs,
+                                error_after=res.error_after.mean_abs, error_sq_before=res.error_before.sum_sq,
+                                error_sq_after=res.error_after.sum_sq, cycles=res.cycles_run)
+                    if res.list_end_rows:
+                        info["list_end_rows"] = res.list_end_rows
+                    if res.skipped_groups:
+                        info["skipped_groups"] = res.skipped_groups
+                else:
+                    keep = keep0
+                with torch.no_grad():
+                    weight_2d(mod).copy_(torch.where(keep, base, torch.zeros_like(base)))
+                keep_cpu = keep.to("cpu")
+                masks[key] = keep_cpu
+                if is_conv1d(mod):
+                    transposed.append(key)
+                info.update(shape=list(keep_cpu.shape), kept=int(keep_cpu.sum()),
+                            sparsity=round(1 - keep_cpu.float().mean().item(), 6))
+                if stored_masks is not None:
+                    info["changed_vs_prune"] = int((keep_cpu != stored_masks[key].to(torch.bool)).sum())
+                layers[key] = info
+
+    _, blocks = decoder_blocks(model)
+    bar = progress(len(blocks), f"dsnot {pattern.name} ({targets})") if show_progress else None
+    try:
+        layerwise(model, windows, process, statistic="dsnot", device=device, offload=offload,
+                  batch_size=batch_size, propagate="pruned", progress=(lambda i: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return masks, layers, transposed

@@ -1,0 +1,147 @@
+"""The evaluation engine: perplexity and lm-eval tasks on one stage of a run directory.
+
+`ppl` is the reference WikiText-2-protocol perplexity (evaluate/ppl.py); every other name goes to
+lm-eval on the in-memory model (evaluate/harness.py): `zeroshot`, `mmlu`, the offline `wiki-suite`,
+or any lm-eval task. Results go to RUN/eval/<stage>.json and the manifest, each keyed by an `EvalKey`
+and stamped with the identity of the checkpoint it measured; a result that exists for the same
+checkpoint is not measured again unless --force.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sparse_recover.config import EvalCommandConfig
+from sparse_recover.errors import RunDirError
+from sparse_recover.records import EvalKey
+from sparse_recover.rundir import RunDir, now
+from sparse_recover.stages import EVAL_STAGES
+
+TASKS = ("ppl",)  # handled here; everything else is an lm-eval name checked by evaluate.harness
+
+
+def resolve_ppl_source(source: str, model_kind: str) -> str:
+    if source.strip().lower() == "auto":
+        return "wiki-en" if model_kind == "builtin" else "wikitext2"
+    return source
+
+
+@dataclass
+class EvalRequest:
+    cfg: EvalCommandConfig
+    stage: str
+    source: Any  # ModelSource of the checkpoint (or the dense base)
+    keys: dict[str, EvalKey]  # "ppl" | "lm-eval" -> key
+    checkpoint: str  # identity of what is measured
+    harness_tasks: list[str]
+
+
+def prepare(cfg: EvalCommandConfig, rd: RunDir) -> EvalRequest:
+    from sparse_recover.engine.stageio import check_data_source, dense_source
+    from sparse_recover.evaluate.harness import check_tasks
+    from sparse_recover.models import ModelSource
+
+    ev, stage = cfg.eval, cfg.stage
+    harness_tasks = [t for t in ev.tasks if t not in TASKS]
+    if harness_tasks:
+        check_tasks(harness_tasks, data_dir=ev.data_dir, num_fewshot=ev.num_fewshot, extra_names=TASKS)
+    manifest = rd.require_run()
+    if stage not in EVAL_STAGES:
+        raise RunDirError(f"unknown stage {stage!r}: use {', '.join(EVAL_STAGES)}")
+    if stage == "dense":
+        source = dense_source(rd, "evaluate it from a folder or the hub")
+        checkpoint = f"dense|{manifest.model.fingerprint or manifest.model.spec}"
+    else:
+        path = rd.require(stage)
+        source = ModelSource(spec=f"{rd.path}/{stage}", kind="local", path=str(path))
+        checkpoint = manifest.stages[stage].identity()
+    keys: dict[str, EvalKey] = {}
+    if "ppl" in ev.tasks:
+        ppl_source = resolve_ppl_source(ev.ppl_data, manifest.model.kind if manifest.model else "hub")
+        check_data_source(ppl_source, what="perplexity data")
+        keys["ppl"] = EvalKey.ppl(ppl_source, ev.seqlen, ev.limit)
+    if harness_tasks:
+        keys["lm-eval"] = EvalKey.lm_eval(harness_tasks, ev.limit, ev.num_fewshot, bool(ev.data_dir))
+    return EvalRequest(cfg, stage, source, keys, checkpoint, harness_tasks)
+
+
+def measured(rd: RunDir, req: EvalRequest) -> dict[str, Any]:
+    """Results already stored for the same checkpoint, by key."""
+    existing = rd.manifest().evals.get(req.stage, {})
+    return {str(k): existing[str(k)] for k in req.keys.values()
+            if str(k) in existing and existing[str(k)].get("checkpoint", req.checkpoint) == req.checkpoint}
+
+
+def eval_stage(req: EvalRequest, rd: RunDir, *, force: bool) -> dict[str, Any]:
+    from sparse_recover.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from sparse_recover.runtime import format_seconds, metered, versions
+
+    ev, stage = req.cfg.eval, req.stage
+    done = {} if force else measured(rd, req)
+    todo = {kind: str(key) for kind, key in req.keys.items() if str(key) not in done}
+    for key in done:
+        print(f"eval {stage}: {key} already measured; use --force to measure again")
+    if not todo:
+        return done
+    dev = resolve_device(req.cfg.model.device)
+    tokenizer = load_tokenizer(req.source.path)
+    model = load_model(req.source, dtype=resolve_dtype(req.cfg.model.dtype, dev), device=dev)
+    results: dict[str, Any] = {}
+    if "ppl" in todo:
+        key = req.keys["ppl"]
+        results[todo["ppl"]] = _perplexity(model, tokenizer, stage, key.data, ev.seqlen, ev.limit, ev.batch_size, dev)
+    if "lm-eval" in todo:
+        from sparse_recover.evaluate.harness import run_lm_eval
+
+        with metered() as meter:
+            res = run_lm_eval(model, tokenizer, req.harness_tasks, limit=ev.limit, batch_size=ev.batch_size, device=dev,
+                              num_fewshot=ev.num_fewshot, data_dir=ev.data_dir, quiet=True)
+            timing = meter.stop()
+        res.update({"task": "lm-eval", "measured": now(), "versions": versions(), **timing})
+        results[todo["lm-eval"]] = res
+        parts = [f"{g} {v['acc']:.4f}" for g, v in res.get("groups", {}).items() if v.get("acc") is not None]
+        parts += [f"{t} {v['acc']:.4f}" for t, v in res.get("tasks", {}).items()
+                  if v.get("acc") is not None and not v.get("group")]
+        print(f"eval {stage}: {', '.join(parts) or 'done'} (acc) in {format_seconds(timing['wall_time_s'])}")
+    for result in results.values():
+        result["checkpoint"] = req.checkpoint
+    save_results(rd, stage, results)
+    return {**done, **results}
+
+
+def _perplexity(model, tokenizer, stage, ppl_source, seqlen, limit, batch_size, dev) -> dict[str, Any]:
+    from sparse_recover.data import evaluation_text
+    from sparse_recover.evaluate.ppl import perplexity, tokenize_text
+    from sparse_recover.runtime import format_seconds, metered, progress, versions
+
+    name, text = evaluation_text(ppl_source)
+    ids = tokenize_text(tokenizer, text)
+    n_windows = ids.numel() // seqlen if limit is None else min(limit, ids.numel() // seqlen)
+    with metered() as meter:
+        bar = progress(n_windows, f"ppl {stage} {ppl_source}")
+        bar.unit = "window"
+        try:
+            result = perplexity(model, ids, seqlen, dev, batch_size=1 if batch_size == "auto" else int(batch_size),
+                                max_windows=limit, progress=bar.update)
+        finally:
+            bar.close()
+        timing = meter.stop()
+    result.update({"data": name, "task": "ppl", "measured": now(), "device": str(dev), "versions": versions(),
+                   **timing})
+    print(f"eval {stage}: perplexity {result['ppl']:.4f} on {ppl_source} ({result['windows']} windows x {seqlen} tokens) "
+          f"in {format_seconds(timing['wall_time_s'])}")
+    return result
+
+
+def save_results(rd: RunDir, stage: str, results: dict[str, Any]) -> None:
+    from sparse_recover.safeio import read_json
+
+    eval_file = rd.path / "eval" / f"{stage}.json"
+    current = read_json(eval_file, error=RunDirError, what="evaluation results") if eval_file.is_file() else {}
+    current.update(results)
+    rd.write_json(f"eval/{stage}.json", current)
+    manifest = rd.manifest()
+    manifest.evals.setdefault(stage, {}).update(results)
+    rd.write(manifest)
+

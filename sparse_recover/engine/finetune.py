@@ -1,0 +1,262 @@
+"""The fine-tuning engine: sparsity-preserving fine-tuning of the newest sparse checkpoint.
+
+Reads RUN/dsnot (or RUN/prune, or --from STAGE) and its stored masks, wraps the targeted linears in
+adapters (SPP, LoRS, LoRA-then-remask, SQFT), trains only the adapters with one accelerate loop,
+and writes RUN/finetune: adapter.safetensors, adapter_config.json, trainer_log.json and
+training_state/ (the last checkpoint: optimizer, scheduler, RNG, step). While training, resumable
+checkpoints live in RUN/.finetune.partial/; `--resume` continues from the newest one exactly, with
+the interrupted run's stored settings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from sparse_recover.config import FinetuneConfig, FinetuneSection
+from sparse_recover.errors import ConfigError, RunDirError
+from sparse_recover.rundir import RunDir, now
+
+WORK_DIR = ".finetune.partial"
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# settings that change the training result; anything else (logging cadence) may differ on --resume
+RESUME_KEYS = ("method", "from_stage", "targets", "rank", "lora_alpha", "scaling", "dropout", "exact_grad", "ga_init",
+               "init_samples", "data", "data_format", "seqlen", "train_on_inputs", "val_size", "max_train_samples",
+               "epochs", "max_steps", "batch_size", "micro_batch_size", "lr", "min_lr", "weight_decay",
+               "warmup_ratio", "scheduler", "max_grad_norm", "seed")
+
+
+def source_stage(rd: RunDir, from_stage: str) -> str:
+    """The sparse checkpoint fine-tuning starts from: dsnot if complete, else prune (or the one asked for)."""
+    rd.require_run()
+    if from_stage == "auto":
+        for stage in ("dsnot", "prune"):
+            if rd.is_complete(stage):
+                return stage
+        rd.require("prune")
+    rd.require(from_stage)
+    return from_stage
+
+
+def stored_section(rd: RunDir) -> dict[str, Any] | None:
+    """The settings of an interrupted fine-tuning run (what `--resume` continues with), or None."""
+    from sparse_recover.safeio import read_json
+
+    path = rd.path / WORK_DIR / "config.json"
+    if not path.is_file():
+        return None
+    saved = read_json(path, error=RunDirError, what="interrupted fine-tuning settings")
+    section = saved.get("section") or saved.get("resolved") or {}
+    return {k: v for k, v in section.items() if k in FinetuneSection.model_fields}
+
+
+def adapter_settings(resolved: dict[str, Any]):
+    from sparse_recover.adapters import AdapterSettings
+
+    return AdapterSettings(rank=resolved["rank"], scaling=resolved["scaling"], dropout=resolved["dropout"],
+                           exact_grad=resolved["exact_grad"])
+
+
+def train_settings(resolved: dict[str, Any]):
+    from sparse_recover.train import TrainSettings
+
+    keys = TrainSettings.__dataclass_fields__
+    return TrainSettings(**{k: v for k, v in resolved.items() if k in keys})
+
+
+def pad_token_id(tokenizer) -> int:
+    for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def make_accelerator(device: str, mixed_precision: str):
+    import torch
+    from accelerate import Accelerator
+
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if (not cpu and torch.cuda.is_bf16_supported()) else "no"
+    if cpu and mixed_precision != "no":
+        raise ConfigError(f"mixed precision {mixed_precision} needs a GPU; on the CPU training runs in float32")
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+@dataclass
+class FinetuneRequest:
+    cfg: FinetuneConfig
+    stage: str
+    resolved: dict[str, Any]
+
+    def requested(self) -> dict[str, Any]:
+        return {**self.resolved, "from_stage": self.stage}
+
+
+def prepare(cfg: FinetuneConfig, rd: RunDir) -> FinetuneRequest:
+    from sparse_recover.adapters import get_adapter
+    from sparse_recover.train import latest_checkpoint
+
+    section = cfg.finetune
+    get_adapter(section.method)
+    stage = source_stage(rd, section.from_stage)
+    resolved = section.resolved()
+    work_dir = rd.path / WORK_DIR
+    if cfg.resume:
+        if latest_checkpoint(work_dir) is None:
+            raise RunDirError(f"--resume: {rd.path} has no interrupted fine-tuning to continue "
+                              f"(no checkpoint in {work_dir}); run without --resume")
+        from sparse_recover.safeio import read_json
+
+        saved = read_json(work_dir / "config.json", error=RunDirError, what="interrupted fine-tuning settings")
+        stored = saved.get("resolved", {})
+        changed = [f"{k}: stored {stored.get(k)!r}, given {resolved.get(k)!r}"
+                   for k in RESUME_KEYS if stored.get(k) != resolved.get(k)]
+        if saved.get("from") != stage:
+            changed.append(f"from: stored {saved.get('from')!r}, given {stage!r}")
+        if changed:
+            raise ConfigError(f"--resume: settings differ from the interrupted run ({'; '.join(changed)}); "
+                              "resume with --resume alone (the stored settings) or start over with --force")
+    return FinetuneRequest(cfg, stage, resolved)
+
+
+def recorded_config(rec) -> dict[str, Any]:
+    """A finetune record's settings with the method defaults filled in (records of the first release
+    stored the section as typed, with None for each method default)."""
+    config = rec.config
+    source = config.get("from_stage")
+    if source in (None, "auto"):
+        source = (rec.model_extra or {}).get("from", source)
+    known = {k: v for k, v in config.items() if k in FinetuneSection.model_fields}
+    try:
+        return {**FinetuneSection(**known).resolved(), "from_stage": source}
+    except Exception:  # noqa: BLE001 - a record we cannot read back compares as it stands
+        return dict(config)
+
+
+def check_no_partial(req: FinetuneRequest, rd: RunDir, force: bool) -> None:
+    """Starting anew over an interrupted run's checkpoint would lose it: say how to continue instead."""
+    from sparse_recover.train import latest_checkpoint
+
+    ckpt = latest_checkpoint(rd.path / WORK_DIR)
+    if ckpt is not None and not req.cfg.resume and not force:
+        raise RunDirError(f"an interrupted fine-tuning run in {rd.path} has a checkpoint at "
+                          f"{ckpt.name}: continue it with --resume, or start over with --force")
+
+
+def finetune_stage(req: FinetuneRequest, rd: RunDir) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import save_file
+
+    from sparse_recover.adapters import adapter_state_dict, attach_adapters, get_adapter
+    from sparse_recover.adapters.lors import top_right_singular_vectors
+    from sparse_recover.adapters.model import check_targets, find_targets
+    from sparse_recover.data import training_data
+    from sparse_recover.engine.stageio import inputs_identity, load_sparse_stage, write_log
+    from sparse_recover.models import resolve_dtype
+    from sparse_recover.runtime import format_seconds, metered, versions
+    from sparse_recover.train import BatchPlan, latest_checkpoint, train, weight_gradients
+
+    section, stage, resolved, resume = req.cfg.finetune, req.stage, req.resolved, req.cfg.resume
+    device, dtype = req.cfg.model.device, req.cfg.model.dtype
+    cls = get_adapter(section.method)
+    work_dir = rd.path / WORK_DIR
+    manifest = rd.read()
+    accelerator = make_accelerator(device, section.mixed_precision)
+    dev = accelerator.device
+    torch_dtype = resolve_dtype(dtype, dev)
+    model, tokenizer, masks, transposed = load_sparse_stage(rd, stage, torch_dtype, dev)
+    targets = find_targets(model, section.targets)
+    check_targets(targets, cls, section.rank)
+    data = training_data(section.data, tokenizer, data_format=section.data_format, seqlen=section.seqlen,
+                         train_on_inputs=section.train_on_inputs, val_size=section.val_size, seed=section.seed,
+                         max_train_samples=section.max_train_samples)
+    settings = train_settings(resolved)
+    plan = BatchPlan(len(data.train), settings, accelerator.num_processes, accelerator.process_index)
+    pad_id = pad_token_id(tokenizer)
+    main = accelerator.is_main_process
+    if main and not resume:
+        if work_dir.exists():
+            shutil.rmtree(work_dir)
+        work_dir.mkdir(parents=True)
+        (work_dir / "config.json").write_text(json.dumps({"resolved": resolved, "section": section.model_dump(),
+                                                          "from": stage}, indent=1))
+    accelerator.wait_for_everyone()
+
+    with metered() as meter:
+        init_info: dict[str, Any] = {"kind": "default"}
+        grads = None
+        if section.method == "lors" and section.ga_init and not resume:
+            examples = data.train[: section.init_samples]
+            grads = weight_gradients(model, targets, examples, section.micro_batch_size, pad_id, accelerator)
+            init_info = {"kind": "gradient (LoRA-GA style)", "examples": len(examples)}
+        torch.manual_seed(section.seed)  # adapter init (SPP alpha, LoRA A, LoRS B) is seeded
+        adapters = attach_adapters(model, cls, masks, adapter_settings(resolved), section.targets)
+        if grads is not None:
+            for i, (name, adapter) in enumerate(adapters.items()):
+                adapter.set_gradient_init(top_right_singular_vectors(grads[name].to(dev), section.rank,
+                                                                     seed=section.seed + i).cpu())
+            del grads
+        n_train = sum(a.trainable_count() for a in adapters.values())
+        n_base = sum(p.numel() for p in model.parameters()) - n_train
+        if main:
+            print(f"finetune: {section.method} on {stage} ({len(adapters)} linears, {n_train:,} trainable parameters "
+                  f"= {n_train / n_base:.3%} of {n_base:,}); {data.info['train']} training / {data.info['val']} "
+                  f"held-out {data.kind} examples from {data.name}; {plan.total_steps} steps of {section.batch_size} "
+                  f"sequences on {accelerator.num_processes} process(es)" + (" (resuming)" if resume else ""))
+        result = train(model, adapters, data, settings, accelerator, pad_id=pad_id, work_dir=work_dir, resume=resume,
+                       describe=f"finetune {section.method}")
+        timing = meter.stop()
+
+    entry: dict[str, Any] = {}
+    if main:
+        final = latest_checkpoint(work_dir)
+        adapter_config = {"method": section.method, "from": stage, "targets": list(adapters), "resolved": resolved,
+                          "trainable_params": n_train, "masks_sha256": manifest["stages"][stage].get("masks_sha256"),
+                          "init": init_info}
+        entry = {
+            "status": "complete",
+            "finished": now(),
+            "config": req.requested(),
+            "section": section.model_dump(),
+            "resolved": resolved,
+            "method": section.method,
+            "from": stage,
+            "inputs": inputs_identity(rd, stage),
+            "adapted_linears": len(adapters),
+            "trainable_params": n_train,
+            "init": init_info,
+            "data": data.info,
+            "device": str(dev),
+            "dtype": str(torch_dtype).replace("torch.", ""),
+            "mixed_precision": accelerator.mixed_precision,
+            "world_size": accelerator.num_processes,
+            "versions": versions(),
+            "train": {"method": section.method, "steps": result.steps, "tokens": result.tokens,
+                      "wall_time_s": round(result.wall_time_s, 3), "trainable_params": n_train,
+                      "final_loss": result.history[-1]["loss"] if result.history else None,
+                      "final_eval_loss": result.evals[-1]["eval_loss"] if result.evals else None,
+                      "resumed_from": result.resumed_from},
+            **timing,
+        }
+        with rd.staging("finetune") as (tmp,):
+            save_file(adapter_state_dict(adapters), str(tmp / ADAPTER_FILE))
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=1))
+            (tmp / "trainer_log.json").write_text(json.dumps({"history": result.history, "evals": result.evals},
+                                                             indent=1))
+            shutil.copytree(final, tmp / "training_state")
+        rd.commit("finetune", entry)  # a merge of the previous adapters becomes stale
+        shutil.rmtree(work_dir, ignore_errors=True)
+        write_log(rd, "finetune", f"finetune {section.method} from {stage}",
+                  [f"  {json.dumps(rec)}" for rec in result.history]
+                  + [f"  eval {json.dumps(rec)}" for rec in result.evals], entry["finished"])
+        last = result.evals[-1] if result.evals else {}
+        print(f"finetune: {result.steps} steps, {result.tokens:,} tokens in {format_seconds(timing['wall_time_s'])}; "
+              f"final train loss {entry['train']['final_loss']}, held-out loss {last.get('eval_loss', float('nan')):.4f} "
+              f"-> {rd.path / 'finetune'}", file=sys.stdout)
+    accelerator.wait_for_everyone()
+    return entry

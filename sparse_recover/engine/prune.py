@@ -1,0 +1,177 @@
+"""The prune engine: calibrate, prune every decoder linear layer by layer, commit RUN/prune."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from sparse_recover.config import PruneConfig
+from sparse_recover.errors import NumericalError
+from sparse_recover.rundir import RunDir, now
+
+
+@dataclass
+class PruneRequest:
+    """A validated prune request: what the guard compares and the engine computes."""
+
+    cfg: PruneConfig
+    source: Any  # ModelSource, resolved
+    hf_config: Any
+    pattern: Any
+    method: Any
+    device: Any
+    dtype: Any
+    calib: Any  # CalibSection with the source resolved
+
+    def requested(self) -> dict[str, Any]:
+        """The config the manifest records (and a re-run is compared with)."""
+        data = self.cfg.model_dump()
+        data["calib"] = self.calib.model_dump()
+        return data
+
+
+def prepare(cfg: PruneConfig, rd: RunDir) -> PruneRequest:
+    """Validate everything that can be validated without computing: run directory, model, pattern
+    against the layer widths, calibration source. Nothing is written."""
+    from sparse_recover.engine.stageio import check_data_source, check_divisible, resolve_calib_source
+    from sparse_recover.models import load_config, resolve_device, resolve_dtype, resolve_model_source
+    from sparse_recover.pruning import get_method
+    from sparse_recover.sparsity.patterns import NM
+
+    rd.check_location()
+    manifest = rd.manifest()  # raises on a corrupted manifest
+    pattern = cfg.prune.parsed_pattern()
+    method = get_method(cfg.prune.method)
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    source = resolve_model_source(cfg.model.model, convert=False)
+    if manifest.model is not None and manifest.model.spec != source.spec:
+        rd.check_model({"spec": source.spec})
+    source = resolve_model_source(cfg.model.model)  # converts a built-in alias on first use (cache, not RUN)
+    hf_config = load_config(source)
+    if isinstance(pattern, NM):
+        check_divisible(hf_config, pattern.m)
+    calib = cfg.calib.model_copy(update={"source": resolve_calib_source(cfg.calib.source, source.kind)})
+    if method.statistic is not None:
+        check_data_source(calib.source)
+    return PruneRequest(cfg, source, hf_config, pattern, method, device, dtype, calib)
+
+
+def prune_stage(req: PruneRequest, rd: RunDir) -> dict[str, Any]:
+    """Compute and commit RUN/prune; returns the manifest record."""
+    from sparse_recover.data import tensor_sha256
+    from sparse_recover.engine.stageio import (commit_checkpoint, layer_totals, load_or_sample_windows, model_entry,
+                                               tokenizer_identity)
+    from sparse_recover.models import load_model, load_tokenizer
+    from sparse_recover.pruning import PruneSettings
+    from sparse_recover.runtime import format_seconds, metered, versions
+
+    cfg, method, pattern, calib = req.cfg, req.method, req.pattern, req.calib
+    entry_model = model_entry(req.source, req.hf_config)
+    rd.check_model(entry_model)
+    tokenizer = load_tokenizer(req.source.path)
+    windows, calib_meta, new_windows = None, {}, False
+    if method.statistic is not None:
+        windows, calib_meta, new_windows = load_or_sample_windows(rd, calib, tokenizer, tokenizer_identity(tokenizer))
+    model = load_model(req.source, dtype=req.dtype)
+    settings = PruneSettings(pattern=pattern, rule=cfg.prune.threshold_rule, use_variant=cfg.prune.use_variant,
+                             blocksize=cfg.prune.blocksize, percdamp=cfg.prune.percdamp)
+    with metered() as meter:
+        masks, layers, transposed = prune_model(model, method, settings, windows, device=req.device,
+                                                offload=cfg.prune.offload, batch_size=calib.batch_size,
+                                                propagate=cfg.prune.propagate)
+        timing = meter.stop()
+    retried = [k for k, v in layers.items() if v.get("cholesky_retries")]
+    if retried:
+        print(f"sparse-recover: note: SparseGPT needed more damping on {len(retried)} linear(s) "
+              f"(e.g. {retried[0]}: damp {layers[retried[0]]['damp']:g}); recorded in the manifest", file=sys.stderr)
+    overall = layer_totals(layers)
+    group = method.group(settings)
+    entry = {
+        "status": "complete",
+        "finished": now(),
+        "config": req.requested(),
+        "method": method.name,
+        "group": group,
+        "device": str(req.device),
+        "dtype": str(req.dtype).replace("torch.", ""),
+        "seed": calib.seed,
+        "versions": versions(),
+        "calibration": ({**calib_meta, "windows_sha256": tensor_sha256(windows)} if windows is not None else None),
+        "sparsity": {"target": pattern.sparsity, "overall": round(overall, 6), "linears": len(masks),
+                     "layers": layers},
+        **timing,
+    }
+    commit_checkpoint(rd, "prune", entry, model, tokenizer, masks, transposed, pattern,
+                      windows=windows if new_windows else None, calib_meta=calib_meta,
+                      log_header=f"prune {method.name} {pattern.describe()} on {req.source.spec}",
+                      model_entry=entry_model)
+    print(f"prune: {method.name} {pattern.describe()} on {req.source.spec}: {overall:.2%} sparse over {len(masks)} "
+          f"linears in {format_seconds(timing['wall_time_s'])}, peak host memory "
+          f"{timing['peak_memory']['host_rss_mib']:.0f} MiB -> {rd.path / 'prune'}")
+    return rd.stage_entry("prune")
+
+
+def prune_model(model, method, settings, windows, *, device, offload: bool = False, batch_size: int = 1,
+                propagate: str = "pruned", show_progress: bool = True):
+    """Prune every linear of every decoder block in place; returns (masks, per-layer info, transposed names).
+
+    Knows nothing of run directories: the benchmark and the tests call it directly.
+    """
+    import torch
+
+    from sparse_recover.calibration import layerwise
+    from sparse_recover.models import decoder_blocks, is_conv1d, prunable_linears, weight_2d
+    from sparse_recover.runtime import progress
+
+    masks: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    transposed: list[str] = []
+
+    def prune_linears(prefix: str, linears: dict[str, Any], groups: list[list[str]], stats: dict[str, Any]):
+        for group in groups:
+            stat = stats.get(group[0])
+            if method.statistic is not None and stat is None:
+                for name in group:  # never called in the forward: nothing to calibrate on
+                    layers[f"{prefix}.{name}.weight"] = {"skipped": "not called during calibration"}
+                    print(f"sparse-recover: warning: {prefix}.{name} was never called during calibration "
+                          "and is left dense", file=sys.stderr)
+                continue
+            mods = [linears[n] for n in group]
+            for name, mod in zip(group, mods):
+                if not torch.isfinite(mod.weight).all():
+                    raise NumericalError(f"{prefix}.{name} has non-finite weights: refusing to prune it")
+            outcomes = method.fn([weight_2d(m).detach() for m in mods], stat.value if stat else None, settings)
+            for name, mod, res in zip(group, mods, outcomes):
+                with torch.no_grad():
+                    if res.weight is not None:
+                        w2 = weight_2d(mod)
+                        w2.copy_(res.weight.to(w2.dtype))
+                    weight_2d(mod).masked_fill_(~res.keep.to(mod.weight.device), 0)
+                key = f"{prefix}.{name}.weight"
+                keep = res.keep.to("cpu")
+                masks[key] = keep
+                if is_conv1d(mod):
+                    transposed.append(key)
+                layers[key] = {"shape": list(keep.shape), "kept": int(keep.sum()),
+                               "sparsity": round(1 - keep.float().mean().item(), 6), **res.info}
+
+    blocks_name, blocks = decoder_blocks(model)
+    bar = progress(len(blocks), f"prune {method.name} {settings.pattern.name}") if show_progress else None
+    tick = (lambda i: bar.update(1)) if bar is not None else None
+    try:
+        if method.statistic is None:  # data-free: no calibration pass at all
+            for i, block in enumerate(blocks):
+                lin = prunable_linears(block)
+                prune_linears(f"{blocks_name}.{i}", lin, [[n] for n in lin], {})
+                if tick:
+                    tick(i)
+        else:
+            layerwise(model, windows, lambda ctx: prune_linears(ctx.prefix, ctx.linears, ctx.groups, ctx.stats),
+                      statistic=method.statistic, device=device, offload=offload, batch_size=batch_size,
+                      propagate=propagate, progress=tick)
+    finally:
+        if bar is not None:
+            bar.close()
+    return masks, layers, transposed

@@ -1,0 +1,164 @@
+"""Run-directory stage I/O shared by every engine: the model entry, calibration windows, committing a
+checkpoint stage (checkpoint + tokenizer + masks, atomically), loading one back, and stage logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sparse_recover.errors import ConfigError, DataError, RunDirError
+from sparse_recover.rundir import RunDir, now
+
+WINDOWS_FILE = "windows.safetensors"
+
+
+def model_entry(source, config) -> dict[str, Any]:
+    from sparse_recover.models import config_fingerprint
+
+    return {
+        **source.to_json(),
+        "architecture": (getattr(config, "architectures", None) or [type(config).__name__])[0],
+        "model_type": config.model_type,
+        "fingerprint": config_fingerprint(config),
+    }
+
+
+def resolve_calib_source(source: str, model_kind: str) -> str:
+    if source.strip().lower() == "auto":
+        return "wiki-en" if model_kind == "builtin" else "c4"
+    return source
+
+
+def check_data_source(source: str, what: str = "calibration") -> None:
+    """A local data file that does not exist, or an unknown source name, fails before any work."""
+    import os
+
+    from sparse_recover.data import BUILTIN_SOURCES, HUB_SOURCES, is_local_path, known_sources
+
+    key = source.strip().lower()
+    if key in BUILTIN_SOURCES or key in HUB_SOURCES or key == "auto":
+        return
+    if is_local_path(source):
+        if not os.path.isfile(os.path.expanduser(source)):
+            raise DataError(f"{what} file not found: {source}")
+        return
+    raise DataError(f"unknown data source {source!r}: use {known_sources()}")
+
+
+def check_divisible(hf_config, m: int) -> None:
+    """Every prunable input width must be a multiple of M; checked on a weightless (meta) model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sparse_recover.models import decoder_blocks, in_features, prunable_linears
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    name, blocks = decoder_blocks(model)
+    for i, block in enumerate(blocks):
+        for lname, mod in prunable_linears(block).items():
+            width = in_features(mod)
+            if width % m:
+                raise ConfigError(
+                    f"layer {name}.{i}.{lname} has input width {width}, not divisible by M={m}: choose another N:M"
+                )
+
+
+def tokenizer_identity(tokenizer) -> str:
+    import hashlib
+
+    vocab = tokenizer.get_vocab()
+    blob = json.dumps(sorted(vocab.items())[:50000], ensure_ascii=False).encode()
+    return f"{type(tokenizer).__name__}:{len(vocab)}:{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+def load_or_sample_windows(rd: RunDir, calib, tokenizer, tokenizer_id: str):
+    """Reuse RUN/calib/windows.safetensors when it was drawn with the same settings, else draw anew.
+    Returns (windows, metadata, drawn_now)."""
+    from sparse_recover.data import calibration_corpus, sample_windows
+    from sparse_recover.safeio import safetensors_metadata, load_safetensors
+
+    wanted = {"source": calib.source, "nsamples": str(calib.nsamples), "seqlen": str(calib.seqlen),
+              "seed": str(calib.seed), "tokenizer": tokenizer_id}
+    path = rd.path / "calib" / WINDOWS_FILE
+    if path.is_file():
+        meta = safetensors_metadata(path, error=RunDirError, what="calibration windows")
+        if all(meta.get(k) == v for k, v in wanted.items()):
+            return load_safetensors(path, error=RunDirError, what="calibration windows")["windows"], wanted, False
+    corpus = calibration_corpus(calib.source)
+    windows = sample_windows(corpus, tokenizer, calib.nsamples, calib.seqlen, calib.seed)
+    return windows, wanted, True
+
+
+def dense_source(rd: RunDir, needs: str):
+    """The dense base model named in the manifest; one line when it is gone."""
+    from sparse_recover.models import resolve_model_source
+
+    model = rd.manifest().model
+    spec = model.spec if model else ""
+    if not spec:
+        raise RunDirError(f"the manifest of {rd.path} names no base model")
+    try:
+        return resolve_model_source(spec)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the base is gone
+        raise RunDirError(f"the dense base model {spec!r} named in the manifest is no longer available ({exc}); "
+                          f"{needs}") from None
+
+
+def load_sparse_stage(rd: RunDir, stage: str, dtype, device):
+    """(model, tokenizer, masks, transposed names) of a checkpoint stage."""
+    from sparse_recover.models import load_model, load_tokenizer
+    from sparse_recover.sparsity.io import MASKS_FILE, load_masks
+
+    folder = rd.stage_dir(stage)
+    masks, meta = load_masks(folder / MASKS_FILE)
+    model = load_model(str(folder), dtype=dtype, device=device)
+    tokenizer = load_tokenizer(str(folder))
+    return model, tokenizer, masks, json.loads(meta.get("transposed", "[]"))
+
+
+def layer_totals(layers: dict[str, dict[str, Any]]) -> float:
+    """Overall sparsity over the linears that were pruned (entries with a shape)."""
+    total = sum(v["shape"][0] * v["shape"][1] for v in layers.values() if "shape" in v)
+    kept = sum(v["kept"] for v in layers.values() if "shape" in v)
+    return 1 - kept / total if total else 0.0
+
+
+def commit_checkpoint(rd: RunDir, stage: str, entry: dict[str, Any], model, tokenizer, masks, transposed, pattern,
+                      *, windows=None, calib_meta: dict[str, Any] | None = None, log_header: str = "",
+                      model_entry: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write RUN/<stage> (checkpoint, tokenizer, masks) and, when given, RUN/calib atomically; then the
+    manifest record (which makes every stage computed from the previous version stale) and the log."""
+    from safetensors.torch import save_file
+
+    from sparse_recover.sparsity.io import MASKS_FILE, save_masks
+
+    entry["pattern"] = pattern.spec
+    names = [stage, "calib"] if windows is not None else [stage]
+    with rd.staging(*names) as tmps:
+        model.save_pretrained(tmps[0])
+        tokenizer.save_pretrained(tmps[0])
+        entry["masks_sha256"] = save_masks(Path(tmps[0]) / MASKS_FILE, masks, transposed=transposed,
+                                           pattern=pattern.name)
+        if windows is not None:
+            save_file({"windows": windows.contiguous()}, str(Path(tmps[1]) / WINDOWS_FILE),
+                      metadata=calib_meta or {})
+    rd.commit(stage, entry, model_entry=model_entry)
+    lines = [f"  {key}: {json.dumps(info, default=str)}" for key, info in entry["sparsity"]["layers"].items()]
+    write_log(rd, stage, log_header, lines, entry.get("finished"))
+    return entry
+
+
+def write_log(rd: RunDir, stage: str, header: str, lines: list[str], when: str | None = None) -> None:
+    path = rd.path / "logs" / f"{stage}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(f"[{when or now()}] {header}\n")
+        for line in lines:
+            fh.write(line + "\n")
+
+
+def inputs_identity(rd: RunDir, *stages: str) -> dict[str, str | None]:
+    manifest = rd.manifest()
+    return {s: (manifest.stages[s].identity() if s in manifest.stages else None) for s in stages}

@@ -1,0 +1,342 @@
+"""The pipeline behind `sparse-recover run CONFIG.yaml` (and its `--dry-run` plan): a whole pipeline
+from one YAML, through the stage commands' own `run` functions (prune, dsnot, finetune, merge, audit,
+eval), in that order.
+
+Before anything runs, the config is validated whole, the model is checked to be reachable, the eval
+tasks are checked, and every completed stage in the run directory is compared with what the config
+asks for. A completed stage with the same config is skipped (so re-running a run that crashed
+continues where it stopped; a finetune stage with a checkpoint but not complete is resumed); one with
+a different config, or computed from an earlier version of its input stage, is refused unless
+`--force`, rather than silently mixed. A stage that is (re)computed makes every later stage of the
+selection recompute too.
+
+The manifest gains a `pipeline` section: the resolved config, and per stage the identity of the
+input it was computed from (so a stale stage is recognised) and the wall time of the step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from sparse_recover.config import PipelineConfig, PruneConfig
+from sparse_recover.errors import ConfigError, ModelSourceError, RunDirError
+from sparse_recover.rundir import RunDir, now
+from sparse_recover.stages import PIPELINE_STAGES, differences
+
+def select(cfg: PipelineConfig, from_stage: str | None, until_stage: str | None) -> list[str]:
+    """The configured stages between --from and --until (inclusive)."""
+    stages = cfg.stages()
+    for flag, name in (("--from", from_stage), ("--until", until_stage)):
+        if name is None:
+            continue
+        if name not in PIPELINE_STAGES:
+            raise ConfigError(f"{flag} {name!r}: stages are {', '.join(PIPELINE_STAGES)}")
+        if name not in stages:
+            raise ConfigError(f"{flag} {name}: the config has no {name} stage (it runs {', '.join(stages)})")
+    lo = stages.index(from_stage) if from_stage else 0
+    hi = stages.index(until_stage) if until_stage else len(stages) - 1
+    if lo > hi:
+        raise ConfigError(f"--from {from_stage} comes after --until {until_stage}")
+    return stages[lo:hi + 1]
+
+
+def finetune_source(cfg: PipelineConfig) -> str:
+    src = cfg.finetune.from_stage if cfg.finetune is not None else "auto"
+    return ("dsnot" if cfg.enabled("dsnot") else "prune") if src == "auto" else src
+
+
+def inputs_of(cfg: PipelineConfig, stage: str) -> list[str]:
+    """Run-directory stages that `stage` reads."""
+    if stage == "dsnot":
+        return ["prune"]
+    if stage == "finetune":
+        return [finetune_source(cfg)]
+    if stage == "merge":
+        return ["finetune"]
+    if stage == "audit":
+        return cfg.checkpoint_stages()
+    if stage == "eval":
+        return [s for s in cfg.eval_stages() if s != "dense"]
+    return []
+
+
+def prune_config(cfg: PipelineConfig) -> PruneConfig:
+    return PruneConfig(model=cfg.model, calib=cfg.calib, prune=cfg.prune)
+
+
+def requested_config(cfg: PipelineConfig, stage: str, model_kind: str, prune_method: str | None) -> dict[str, Any]:
+    """What the manifest record of `stage` holds as its config when this pipeline produces it."""
+    if stage == "prune":
+        from sparse_recover.engine.stageio import resolve_calib_source
+
+        data = prune_config(cfg).model_dump()
+        data["calib"]["source"] = resolve_calib_source(cfg.calib.source, model_kind)
+        return data
+    if stage == "dsnot":
+        from sparse_recover.engine.dsnot import SETTINGS_KEYS, resolve_init
+
+        data = {k: getattr(cfg.dsnot, k) for k in SETTINGS_KEYS}
+        data["init"] = resolve_init(data["init"], prune_method or cfg.prune.method)
+        return data
+    if stage == "finetune":
+        return {**cfg.finetune.resolved(), "from_stage": finetune_source(cfg)}
+    if stage == "merge":
+        return {"ppl_windows": cfg.merge.ppl_windows, "ppl_seqlen": cfg.merge.ppl_seqlen}
+    return {}
+
+
+def identity(entry: dict[str, Any] | None) -> str | None:
+    """What identifies one computation of a stage: when it finished and, for checkpoints, its masks."""
+    if not entry:
+        return None
+    return f"{entry.get('finished')}|{entry.get('masks_sha256', '')}"
+
+
+class Pipeline:
+    """The checks and steps of one `run` invocation."""
+
+    def __init__(self, cfg: PipelineConfig, rd: RunDir | str, *, force: bool = False,
+                 echo: Callable[[str], None] = print, config_file: str | None = None):
+        rd = rd if isinstance(rd, RunDir) else RunDir(rd)
+        self.cfg, self.rd, self.force, self.echo = cfg, rd, force, echo
+        self.config_file = config_file
+        self.source = None
+        self.redo: set[str] = set()  # stages recomputed in this invocation
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------
+    # checks (nothing is written)
+
+    def preflight(self, selected: list[str]) -> dict[str, str]:
+        """Validate everything that can be validated before the first stage runs; returns the action
+        per selected stage: run | resume | skip | redo."""
+        from sparse_recover.models import resolve_model_source
+
+        rd, cfg = self.rd, self.cfg
+        rd.check_location()
+        manifest = rd.read()
+        self.source = resolve_model_source(cfg.model.model, convert=False)
+        current = manifest.get("model") or {}
+        if current.get("spec") and current["spec"] != self.source.spec:
+            rd.check_model({"spec": self.source.spec})
+        needs_model = any(s in selected for s in ("prune", "dsnot")) or (
+            "eval" in selected and "dense" in cfg.eval_stages())
+        if needs_model:
+            self.source = check_reachable(cfg.model.model)
+        if "eval" in selected:
+            harness = [t for t in cfg.eval.tasks if t != "ppl"]
+            if harness:
+                from sparse_recover.evaluate.harness import check_tasks
+
+                check_tasks(harness, data_dir=cfg.eval.data_dir, num_fewshot=cfg.eval.num_fewshot,
+                            extra_names=("ppl",))
+        # a stage outside the selection that a selected stage reads must be there already
+        for stage in selected:
+            for needed in inputs_of(cfg, stage):
+                if needed not in selected and not rd.is_complete(needed):
+                    raise RunDirError(
+                        f"cannot start at {stage}: it reads {rd.path / needed}, which is not complete; "
+                        f"run without --from (or --from {needed}) first")
+        actions: dict[str, str] = {}
+        changed = False  # an earlier selected stage will be recomputed
+        for stage in cfg.stages():
+            if stage in ("audit", "eval"):
+                if stage in selected:
+                    actions[stage] = "run"
+                continue
+            state = self.state(stage, manifest)
+            if stage not in selected:
+                if state not in ("same", "missing"):  # an input the selection builds on must match
+                    if any(stage in inputs_of(cfg, s) for s in selected):
+                        raise RunDirError(self._mismatch_line(stage, state, manifest))
+                continue
+            if self.force or changed:
+                actions[stage] = "redo" if state != "missing" else "run"
+            elif state == "same":
+                actions[stage] = "skip"
+            elif state == "missing":
+                actions[stage] = "run"
+            elif state == "partial":
+                actions[stage] = "resume"
+            else:
+                raise RunDirError(self._mismatch_line(stage, state, manifest))
+            changed = changed or actions[stage] != "skip"
+        return actions
+
+    def state(self, stage: str, manifest: dict[str, Any]) -> str:
+        """missing | partial | same | a description of how the completed stage differs."""
+        rd, entry = self.rd, manifest["stages"].get(stage)
+        if not rd.is_complete(stage):
+            if stage == "finetune" and finetune_resumable(rd):
+                return "partial"
+            return "missing"
+        prune_method = (manifest["stages"].get("prune") or {}).get("method")
+        wanted = requested_config(self.cfg, stage, self.source.kind, prune_method)
+        recorded = entry.get("config") or {}
+        if stage == "finetune":
+            from sparse_recover.engine.finetune import recorded_config
+
+            recorded = recorded_config(self.rd.record("finetune"))
+        diffs = differences(stage, recorded, wanted)
+        if diffs:
+            return "config differs (" + "; ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "") + ")"
+        recorded = ((manifest.get("pipeline") or {}).get("inputs") or {}).get(stage)
+        for needed in inputs_of(self.cfg, stage):
+            if recorded is not None and recorded.get(needed) != identity(manifest["stages"].get(needed)):
+                return f"computed from an earlier {needed} stage"
+        if stage == "finetune" and entry.get("from") and entry["from"] != finetune_source(self.cfg):
+            return f"fine-tuned from {entry['from']}, the config asks for {finetune_source(self.cfg)}"
+        return "same"
+
+    def _mismatch_line(self, stage: str, state: str, manifest: dict[str, Any]) -> str:
+        return (f"{stage} stage in {self.rd.path} is already complete but {state}: use --force to recompute it "
+                f"(and every later stage), or another --run-dir")
+
+    # ------------------------------------------------------------------------------------------
+    # steps
+
+    def execute(self, selected: list[str], actions: dict[str, str]) -> dict[str, Any]:
+        rd = self.rd
+        results: dict[str, Any] = {}
+        t_all = time.perf_counter()
+        for stage in selected:
+            action = actions[stage]
+            self.echo(f"== {stage}: {action}" + (" (already complete with the same config)" if action == "skip" else ""))
+            if action == "skip":
+                continue
+            t0 = time.perf_counter()
+            results[stage] = getattr(self, f"_{stage}")(force=action == "redo", resume=action == "resume")
+            self.timings[stage] = round(time.perf_counter() - t0, 3)
+            if stage not in ("audit", "eval"):
+                self.redo.add(stage)
+                self._record_inputs(stage)
+        self._record_run(selected)
+        total = time.perf_counter() - t_all
+        from sparse_recover.runtime import format_seconds
+
+        parts = [f"{s} {format_seconds(t)}" for s, t in self.timings.items()]
+        self.echo(f"run: {', '.join(parts) or 'nothing to do'}; total {format_seconds(total)} -> {rd.path}")
+        return results
+
+    def _prune(self, force: bool, resume: bool) -> Any:
+        from sparse_recover.commands import prune
+
+        return prune.run(prune_config(self.cfg), self.rd, force=force)
+
+    def _dsnot(self, force: bool, resume: bool) -> Any:
+        from sparse_recover.commands import dsnot
+        from sparse_recover.config import DsnotConfig
+
+        return dsnot.run(DsnotConfig(model=self._runtime(), dsnot=self.cfg.dsnot), self.rd, force=force)
+
+    def _finetune(self, force: bool, resume: bool) -> Any:
+        from sparse_recover.commands import finetune
+        from sparse_recover.config import FinetuneConfig
+
+        section = self.cfg.finetune
+        if section.from_stage == "auto":
+            section = section.model_copy(update={"from_stage": finetune_source(self.cfg)})
+        return finetune.run(FinetuneConfig(model=self._runtime(), finetune=section, resume=resume), self.rd,
+                            force=force)
+
+    def _merge(self, force: bool, resume: bool) -> Any:
+        from sparse_recover.commands import merge
+        from sparse_recover.config import MergeConfig
+
+        return merge.run(MergeConfig(model=self._runtime(), merge=self.cfg.merge), self.rd, force=force)
+
+    def _runtime(self):
+        from sparse_recover.config import RuntimeSection
+
+        return RuntimeSection(device=self.cfg.model.device, dtype=self.cfg.model.dtype)
+
+    def _audit(self, force: bool, resume: bool) -> Any:
+        from sparse_recover.commands import audit
+        from sparse_recover.config import AuditConfig, AuditSection
+
+        report = audit.run(AuditConfig(audit=AuditSection(stages=self.cfg.checkpoint_stages())), self.rd)
+        summary = {s: {"ok": r["ok"], "overall_sparsity": r.get("overall_sparsity"),
+                       "pruned_nonzero": r.get("pruned_nonzero")} for s, r in report.items()}
+        self._pipeline_update(audit={"checked": now(), "stages": summary})
+        return report
+
+    def _eval(self, force: bool, resume: bool) -> Any:
+        from sparse_recover.commands import evaluate
+        from sparse_recover.config import EvalCommandConfig
+
+        ev, out = self.cfg.eval, {}
+        manifest = self.rd.read()
+        measured = (manifest.get("pipeline") or {}).get("evaluated") or {}
+        for stage in self.cfg.eval_stages():
+            ident = "dense" if stage == "dense" else identity(manifest["stages"].get(stage))
+            # a checkpoint recomputed since its last evaluation is measured again
+            again = self.force or stage in self.redo or (stage in measured and measured[stage] != ident)
+            out[stage] = evaluate.run(EvalCommandConfig(model=self._runtime(), stage=stage, eval=ev), self.rd,
+                                      force=again)
+            measured[stage] = ident
+            self._pipeline_update(evaluated=dict(measured))
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # manifest bookkeeping
+
+    def _pipeline_update(self, **values: Any) -> None:
+        data = self.rd.read()
+        section = dict(data.get("pipeline") or {})
+        section.update(values)
+        data["pipeline"] = section
+        self.rd.write(data)
+
+    def _record_inputs(self, stage: str) -> None:
+        data = self.rd.read()
+        inputs = dict((data.get("pipeline") or {}).get("inputs") or {})
+        inputs[stage] = {s: identity(data["stages"].get(s)) for s in inputs_of(self.cfg, stage)}
+        self._pipeline_update(inputs=inputs)
+
+    def _record_run(self, selected: list[str]) -> None:
+        if not self.rd.exists():
+            return
+        data = self.rd.read()
+        steps = dict((data.get("pipeline") or {}).get("steps") or {})
+        for stage, wall in self.timings.items():
+            steps[stage] = {"finished": now(), "wall_time_s": wall}
+        self._pipeline_update(config=self.cfg.model_dump(), config_file=self.config_file, selected=selected,
+                              steps=steps)
+
+
+def finetune_resumable(rd: RunDir) -> bool:
+    """A finetune stage that started but did not complete and left a checkpoint to resume from."""
+    from sparse_recover.engine.finetune import WORK_DIR
+    from sparse_recover.train import latest_checkpoint
+
+    return latest_checkpoint(rd.path / WORK_DIR) is not None
+
+
+def check_reachable(spec: str):
+    """Resolve the model (converting a built-in alias on first use) and load its config, so a hub id
+    with no network fails now, in one line, rather than after the first stages."""
+    import os
+
+    from sparse_recover.models import load_config, resolve_model_source
+
+    source = resolve_model_source(spec)
+    try:
+        load_config(source)
+    except ModelSourceError:
+        if source.kind != "hub":
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        raise ModelSourceError(
+            f"model {source.spec} cannot be reached: it needs the Hugging Face hub "
+            f"({'HF_HUB_OFFLINE=1 is set and ' if offline else ''}it is not in the local cache); "
+            "download it once with network access, or point model.model at a local folder") from None
+    return source
+
+
+def run_pipeline(cfg: PipelineConfig, rd: RunDir, selected: list[str], *, force: bool = False,
+                 config_file: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Check everything, then run the selected stages (see `select`)."""
+    pipe = Pipeline(cfg, rd, force=force, echo=echo, config_file=config_file)
+    actions = pipe.preflight(selected)
+    return pipe.execute(selected, actions)
