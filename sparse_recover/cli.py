@@ -422,10 +422,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and a documented exit code.
 
     Ctrl-C anywhere ends with exit 130 and one line; an unexpected error keeps its own traceback.
-    The vendored click of typer >= 0.29 has no `Abort`, so it is looked up, never assumed.
+    typer 0.29's vendored click has neither `Abort` nor `Exit` in its exceptions module: typer exports both.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    abort = getattr(click_exceptions, "Abort", None)
     try:
         app(args=argv, standalone_mode=False)
     except SparseRecoverError as exc:
@@ -434,14 +433,10 @@ def main(argv: list[str] | None = None) -> None:
     except click_exceptions.ClickException as exc:
         print(f"sparse-recover: error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click_exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):  # click turns Ctrl-C at a prompt into Abort
         _interrupted()
-    except Exception as exc:
-        if abort is not None and isinstance(exc, abort):  # click turns Ctrl-C at a prompt into Abort
-            _interrupted()
-        raise
 
 
 def _interrupted() -> None:

@@ -457,7 +457,7 @@ class EvalCommandConfig(Section):
 
 
 class ReportConfig(Section):
-    runs: list[str] = Field(default_factory=list, description="run directories")
+    runs: list[str] = Field(description="run directories")
     format: str = Field("md", description="md | csv | json")
     plot: str | None = Field(None, description="also write a PNG (needs matplotlib)")
     output: str | None = Field(None, description="write the table to FILE instead of stdout")

@@ -340,3 +340,11 @@ def run_pipeline(cfg: PipelineConfig, rd: RunDir, selected: list[str], *, force:
     pipe = Pipeline(cfg, rd, force=force, echo=echo, config_file=config_file)
     actions = pipe.preflight(selected)
     return pipe.execute(selected, actions)
+
+
+def dry_run(cfg: PipelineConfig, rd: RunDir | None, selected: list[str],
+            echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """The plan of `run --dry-run` (plan.py): stages, checkpoints, memory estimates; nothing runs."""
+    from sparse_recover.plan import show
+
+    return show(cfg, None if rd is None else str(rd.path), selected, echo=echo)

@@ -23,6 +23,7 @@ from sparse_recover.errors import DataError, RunDirError
 from tests.helpers import Result, assert_clean_error, run_cli
 
 WORKERS = 2  # concurrent subprocesses (mostly the torch import)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny tensors on a shared 2-core machine: ~10x faster than two threads
 SMALL = ["--nsamples", "4", "--seqlen", "32"]
 
 
@@ -73,7 +74,7 @@ class Outcome:
 
 def _run_case(args: list, run: Path | None, cwd: Path, cache: Path) -> Outcome:
     before = tree_stat(run) if run else None
-    result = run_cli(args, cwd, cache)
+    result = run_cli(args, cwd, cache, env=ONE_THREAD)
     return Outcome(run, before, tree_stat(run) if run else None, result)
 
 
@@ -94,7 +95,7 @@ def outcomes(tmp_path_factory, tiny_models, calib_file) -> dict[str, Outcome]:
     cache = tmp_path_factory.mktemp("sr-cache")
     base = tmp_path_factory.mktemp("corrupt") / "RUN"
     prune = run_cli(["prune", "--run-dir", base, "--model", tiny_models["llama"], "--method", "magnitude",
-                     "--sparsity", "0.5", "--calib", calib_file, *SMALL], base.parent, cache)
+                     "--sparsity", "0.5", "--calib", calib_file, *SMALL], base.parent, cache, env=ONE_THREAD)
     out: dict[str, Outcome] = {"prune": Outcome(base, None, None, prune)}
     if prune.returncode != 0:
         return out

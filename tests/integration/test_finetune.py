@@ -121,7 +121,10 @@ def test_resume_after_sigkill_matches_uninterrupted(pruned_runs, tmp_path, train
     again = run_cli([*args, "--run-dir", killed], tmp_path, cache)  # without --resume: refuses, nothing lost
     assert_clean_error(again, 5, ["--resume"])
     assert (killed / WORK_DIR / "checkpoint-2").is_dir()
-    resumed = run_cli([*args, "--run-dir", killed, "--resume"], tmp_path, cache)
+    other = run_cli([*args, "--run-dir", killed, "--resume", "--max-steps", "7"], tmp_path, cache)
+    assert "max_steps: stored 6, given 7" in assert_clean_error(other, 2, ["--resume"])
+    # --resume alone continues with the interrupted run's stored settings (the README's command)
+    resumed = run_cli(["finetune", "--run-dir", killed, "--resume", "--device", "cpu"], tmp_path, cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(str(full / "finetune" / "adapter.safetensors"))
     b = load_file(str(killed / "finetune" / "adapter.safetensors"))
