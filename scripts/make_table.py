@@ -88,20 +88,24 @@ def run_rows(table: str, rows: list[dict], folder: Path, runs: Path, smoke: bool
 
 
 def ours(run_dir: Path, stage: str, metric: str) -> float | None:
-    manifest = run_dir / "manifest.json"
-    if not manifest.is_file():
+    from sparse_recover.records import EvalKey
+    from sparse_recover.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    if not rd.exists():
         return None
-    data = json.loads(manifest.read_text())
-    results = (data.get("evals") or {}).get(stage) or {}
-    ev = ((data.get("pipeline") or {}).get("config") or {}).get("eval") or {}
+    manifest = rd.manifest()
+    results = manifest.evals.get(stage) or {}
+    ev = ((manifest.pipeline or {}).get("config") or {}).get("eval") or {}
+    keys = {k: EvalKey.parse(k) for k in results}
     if metric == "ppl":
-        keys = [k for k in results if k.startswith("ppl/")]
-        wanted = [k for k in keys if k.split("/")[2:3] == [str(ev.get("seqlen"))]]
-        key = (wanted or keys or [None])[-1]
+        ppl = [k for k, key in keys.items() if key is not None and key.kind == "ppl"]
+        wanted = [k for k in ppl if keys[k].seqlen == ev.get("seqlen")]
+        key = (wanted or ppl or [None])[-1]
         return results[key]["ppl"] if key else None
     if metric == "zeroshot_avg":
-        for key, res in results.items():
-            group = (res.get("groups") or {}).get("zeroshot") if key.startswith("lm-eval/") else None
+        for k, res in results.items():
+            group = (res.get("groups") or {}).get("zeroshot") if keys[k] and keys[k].kind == "lm-eval" else None
             if group and group.get("acc") is not None:
                 return 100 * group["acc"]  # the papers print percentages
         return None

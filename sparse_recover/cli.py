@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except SparseRecoverError as exc:
         print(f"sparse-recover: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -437,6 +437,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):  # click turns Ctrl-C at a prompt into Abort
         _interrupted()
+    # With standalone_mode=False, typer >= 0.29 catches KeyboardInterrupt itself and *returns* 130
+    # (typer.core._main: `except KeyboardInterrupt: raise Exit(130)`, then `except Exit: return
+    # e.exit_code`): without this check Ctrl-C exits 0 with no message.
+    if code == 130:
+        _interrupted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _interrupted() -> None:

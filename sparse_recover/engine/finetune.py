@@ -34,7 +34,9 @@ def source_stage(rd: RunDir, from_stage: str) -> str:
     """The sparse checkpoint fine-tuning starts from: dsnot if complete, else prune (or the one asked for)."""
     rd.require_run()
     if from_stage == "auto":
-        for stage in ("dsnot", "prune"):
+        from sparse_recover.stages import STAGES
+
+        for stage in STAGES["finetune"].inputs:  # in preference order
             if rd.is_complete(stage):
                 return stage
         rd.require("prune")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from sparse_recover.adapters import ADAPTERS
 from sparse_recover.config import FinetuneSection
 from sparse_recover.engine.finetune import WORK_DIR
+from sparse_recover.errors import RunDirError
 from sparse_recover.sparsity.io import load_masks
 from tests.helpers import QUICK, assert_clean_error, prune, run_cli, snapshot, run_audit, run_finetune, run_merge
 
@@ -82,7 +83,9 @@ def test_finetune_merge_audit(pruned_runs, tmp_path, train_file, method, family)
     base = load_file(str(run / "prune" / "model.safetensors"))
     assert any(not torch.equal(base[k], weights[k]) for k in masks)
     before = snapshot(run)
-    run_merge(run, device="cpu")
+    run_merge(run, device="cpu", ppl_seqlen=32, ppl_windows=4)  # the same merge again: a no-op
+    with pytest.raises(RunDirError, match="other settings .*ppl_seqlen: 32 -> 512"):
+        run_merge(run, device="cpu")  # another merge check is refused, not reported as done
     assert snapshot(run) == before
 
 
