@@ -14,6 +14,11 @@ Variants (same model, mask, sequence length, batch, rank, targets q/k/v/o/gate/u
   floor       no adapter at all: the frozen model's forward and its backward to the activations (the
               two matmuls per linear that LoRS cannot avoid, plus everything the variants share). No
               adapter can step faster; floor / sqft bounds the "x sqft" any implementation can reach.
+  lors-kl     our LoRS distilled from the dense model (train/distill.py: the teacher's forward under
+              no_grad on the same batch, then T^2 KL on the logits), teacher on --teacher-device
+  lors-squarehead   the same plus SquareHead's per-block hidden-state MSE
+The distillation variants are also printed as ratios to plain lors (issue 13 targets at 7B shape with the
+teacher on the same device: <= 1.6x time, <= 1.3x memory).
 Each runs in its own child process: peak memory is that process's peak (host RSS on CPU, with glibc
 told to map large blocks directly so freed transients leave RSS; CUDA max_memory_allocated on GPU); step time is the median of the timed steps (forward + backward +
 AdamW step) after warm-up. Targets: LoRS time <= 1.15x lora and <= 0.7x sqft; LoRS memory <= 1.05x
@@ -34,7 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-VARIANTS = ("lora", "sqft", "spp-naive", "spp", "lors", "floor")
+VARIANTS = ("lora", "sqft", "spp-naive", "spp", "lors", "floor", "lors-kl", "lors-squarehead")
+DISTILLED = {"lors-kl": "kl", "lors-squarehead": "squarehead"}  # variant -> distillation on top of lors
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -118,8 +124,9 @@ def child(args) -> dict:
     from sparse_recover.runtime import peak_rss_mb
 
     model, device = _model(args)
-    masks = _magnitude_24(model)
     variant = args.child
+    teacher = _model(args)[0] if variant in DISTILLED else None  # the dense weights (_model is seeded)
+    masks = _magnitude_24(model)
     torch.manual_seed(1)
     if variant == "floor":
         for p in model.parameters():
@@ -139,8 +146,8 @@ def child(args) -> dict:
         if variant == "spp-naive":
             adapters = SppNaive.attach(model, masks, args.rank, 1.0)
         else:
-            adapters = attach_adapters(model, ADAPTERS[variant], masks, AdapterSettings(rank=args.rank, scaling=1.0),
-                                       TARGETS)
+            cls = ADAPTERS["lors" if variant in DISTILLED else variant]
+            adapters = attach_adapters(model, cls, masks, AdapterSettings(rank=args.rank, scaling=1.0), TARGETS)
         params = trainable_parameters(adapters)
         for p in params:  # non-zero factors, as during training
             with torch.no_grad():
@@ -152,6 +159,12 @@ def child(args) -> dict:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    distiller = None
+    if teacher is not None:
+        from sparse_recover.train.distill import Distiller, DistillSettings
+
+        tdev = device if args.teacher_device == "same" else torch.device(args.teacher_device)
+        distiller = Distiller(teacher.to(tdev), model, DistillSettings(DISTILLED[variant]))
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seqlen), generator=g).to(device)
@@ -162,7 +175,10 @@ def child(args) -> dict:
     times = []
     for step in range(args.warmup + args.steps):
         t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        if distiller is None:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        else:  # the same student call inside, after the teacher's forward
+            loss = distiller.loss(model, {"input_ids": ids, "labels": ids})[0]
         loss.backward()
         if opt is not None:
             opt.step()
@@ -191,6 +207,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--teacher-device", default="same", help="distillation variants: same | cpu | cuda[:N]")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -233,6 +250,16 @@ def main() -> None:
         ml = f"{r[mem_key] / ref[mem_key]:.3f}" if ref else "-"
         print(f"| {v} | {r['trainable']:,} | {r['step_s']:.3f} | {ratio(r, 'lora')} | {ratio(r, 'sqft')} | "
               f"{ratio(r, 'floor')} | {r[mem_key]:.0f} | {ml} |")
+    distilled = [v for v in DISTILLED if v in rows]
+    if "lors" in rows and distilled:
+        lors = rows["lors"]
+        print(f"\nLoRS with and without distillation (teacher on {args.teacher_device}):")
+        print("| variant | s/step | time x lors | peak MiB | mem x lors |")
+        print("|---|---|---|---|---|")
+        for v in ["lors", *distilled]:
+            r = rows[v]
+            print(f"| {v} | {r['step_s']:.3f} | {r['step_s'] / lors['step_s']:.2f} | {r[mem_key]:.0f} | "
+                  f"{r[mem_key] / lors[mem_key]:.3f} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows}, fh, indent=1)

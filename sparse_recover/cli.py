@@ -127,8 +127,9 @@ PRUNE_FIELDS = {"model": "model.model", "dtype": "model.dtype", "device": "model
                 "nsamples": "calib.nsamples", "seqlen": "calib.seqlen", "seed": "calib.seed",
                 "calib_batch_size": "calib.batch_size", "method": "prune.method", "pattern": "prune.pattern",
                 "sparsity": "prune.sparsity", "use_variant": "prune.use_variant", "blocksize": "prune.blocksize",
-                "percdamp": "prune.percdamp", "threshold_rule": "prune.threshold_rule",
-                "propagate": "prune.propagate", "offload": "prune.offload"}
+                "percdamp": "prune.percdamp", "ria_alpha": "prune.ria_alpha", "threshold_rule": "prune.threshold_rule",
+                "propagate": "prune.propagate", "offload": "prune.offload", "profile": "prune.profile",
+                "owl_m": "prune.owl_m", "owl_lambda": "prune.owl_lambda"}
 
 
 @app.command()
@@ -136,7 +137,7 @@ def prune(
     ctx: typer.Context,
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory (created if missing)."),
     model: Optional[str] = typer.Option(None, "--model", help="HF id, local folder, or built-in alias (smollm2-135m, gemma3-270m)."),
-    method: str = _default(_c.PruneConfig, "prune.method", "--method", help="magnitude | wanda | sparsegpt"),
+    method: str = _default(_c.PruneConfig, "prune.method", "--method", help="magnitude | wanda | sparsegpt | ria"),
     pattern: str = _default(_c.PruneConfig, "prune.pattern", "--pattern", help="'unstructured' or N:M = keep N of every M (2:4, 4:8, 2:8)."),
     sparsity: Optional[float] = _default(_c.PruneConfig, "prune.sparsity", "--sparsity", help="Fraction pruned (unstructured); optional for N:M."),
     calib: str = _default(_c.PruneConfig, "calib.source", "--calib", help="c4 | wikitext2 | wiki-en | FILE.txt/.json/.jsonl (auto: wiki-en for built-in models, else c4)."),
@@ -147,9 +148,13 @@ def prune(
     use_variant: bool = _default(_c.PruneConfig, "prune.use_variant", "--use-variant", help="Wanda appendix variant (unstructured)."),
     blocksize: int = _default(_c.PruneConfig, "prune.blocksize", "--blocksize", help="SparseGPT column block size."),
     percdamp: float = _default(_c.PruneConfig, "prune.percdamp", "--percdamp", help="SparseGPT damping, fraction of mean(diag H)."),
+    ria_alpha: float = _default(_c.PruneConfig, "prune.ria_alpha", "--ria-alpha", help="RIA: exponent a of the input norm (>= 0; 0 = relative importance only)."),
     threshold_rule: str = _default(_c.PruneConfig, "prune.threshold_rule", "--threshold-rule", help="exact | reference (the reference's '<= sorted[k]' threshold)."),
     propagate: str = _default(_c.PruneConfig, "prune.propagate", "--propagate", help="pruned (reference) | dense: what feeds the next block."),
     offload: bool = _default(_c.PruneConfig, "prune.offload", "--offload", help="Keep the model on the CPU; only the current block on the device."),
+    profile: str = _default(_c.PruneConfig, "prune.profile", "--sparsity-profile"),
+    owl_m: float = _default(_c.PruneConfig, "prune.owl_m", "--owl-m"),
+    owl_lambda: float = _default(_c.PruneConfig, "prune.owl_lambda", "--owl-lambda"),
     device: str = _default(_c.PruneConfig, "model.device", "--device", help="auto | cpu | cuda | cuda:N"),
     dtype: str = _default(_c.PruneConfig, "model.dtype", "--dtype", help="auto | float32 | float16 | bfloat16"),
     config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
@@ -214,11 +219,41 @@ def dsnot(
     cmd.run(build_config(DsnotConfig, ctx, DSNOT_FIELDS, config=config, sets=set_), _rd(run_dir), force=force)
 
 
+RECONSTRUCT_FIELDS = {"from_stage": "reconstruct.from_stage", "blocksize": "reconstruct.blocksize",
+                      "percdamp": "reconstruct.percdamp", "calib_batch_size": "reconstruct.batch_size",
+                      "offload": "reconstruct.offload", "device": "model.device", "dtype": "model.dtype"}
+
+
+@app.command()
+def reconstruct(
+    ctx: typer.Context,
+    run_dir: str = typer.Option(..., "--run-dir", help="Run directory with a completed prune (or dsnot) stage."),
+    from_stage: str = _default(_c.ReconstructConfig, "reconstruct.from_stage", "--from"),
+    blocksize: int = _default(_c.ReconstructConfig, "reconstruct.blocksize", "--blocksize"),
+    percdamp: float = _default(_c.ReconstructConfig, "reconstruct.percdamp", "--percdamp"),
+    calib_batch_size: int = _default(_c.ReconstructConfig, "reconstruct.batch_size", "--calib-batch-size"),
+    offload: bool = _default(_c.ReconstructConfig, "reconstruct.offload", "--offload"),
+    device: str = _default(_c.ReconstructConfig, "model.device", "--device"),
+    dtype: str = _default(_c.ReconstructConfig, "model.dtype", "--dtype"),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    force: bool = typer.Option(False, "--force", help="Redo a completed stage (every stage computed from it becomes stale)."),
+):
+    """Keep a stored mask fixed and re-solve its kept weights with SparseGPT (wanda -> dsnot -> reconstruct)
+    into RUN/reconstruct."""
+    from sparse_recover.commands import reconstruct as cmd
+    from sparse_recover.config import ReconstructConfig
+
+    cmd.run(build_config(ReconstructConfig, ctx, RECONSTRUCT_FIELDS, config=config, sets=set_), _rd(run_dir),
+            force=force)
+
+
 FINETUNE_FIELDS = {**{name: f"finetune.{name}" for name in (
     "method", "targets", "rank", "lora_alpha", "scaling", "dropout", "exact_grad", "ga_init", "init_samples", "data",
     "data_format", "seqlen", "train_on_inputs", "val_size", "max_train_samples", "epochs", "max_steps", "batch_size",
     "micro_batch_size", "lr", "min_lr", "weight_decay", "warmup_ratio", "scheduler", "max_grad_norm",
-    "mixed_precision", "gradient_checkpointing", "seed", "eval_every", "eval_batches", "save_every")},
+    "mixed_precision", "gradient_checkpointing", "seed", "eval_every", "eval_batches", "save_every",
+    "distill", "distill_alpha", "distill_temperature", "teacher", "teacher_device")},
     "from_stage": "finetune.from_stage", "resume": "resume", "device": "model.device", "dtype": "model.dtype"}
 
 
@@ -227,7 +262,7 @@ def finetune(
     ctx: typer.Context,
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory with a completed prune (or dsnot) stage."),
     method: str = _default(_c.FinetuneConfig, "finetune.method", "--method", help="lors | spp | lora-remask | sqft"),
-    from_stage: str = _default(_c.FinetuneConfig, "finetune.from_stage", "--from", help="auto (dsnot if present, else prune) | prune | dsnot"),
+    from_stage: str = _default(_c.FinetuneConfig, "finetune.from_stage", "--from", help="auto (reconstruct, else dsnot, else prune) | prune | dsnot | reconstruct"),
     targets: str = _default(_c.FinetuneConfig, "finetune.targets", "--targets", help="Comma-separated module-name suffixes to adapt."),
     rank: int = _default(_c.FinetuneConfig, "finetune.rank", "--rank", help="Adapter rank (SPP: expansion rank; must divide each output width)."),
     lora_alpha: Optional[float] = _default(_c.FinetuneConfig, "finetune.lora_alpha", "--lora-alpha"),
@@ -258,6 +293,11 @@ def finetune(
     eval_every: int = _default(_c.FinetuneConfig, "finetune.eval_every", "--eval-every"),
     eval_batches: Optional[int] = _default(_c.FinetuneConfig, "finetune.eval_batches", "--eval-batches"),
     save_every: int = _default(_c.FinetuneConfig, "finetune.save_every", "--save-every"),
+    distill: str = _default(_c.FinetuneConfig, "finetune.distill", "--distill", help="none | kl (KL on the logits) | squarehead (KL + per-block normalised hidden-state MSE)"),
+    distill_alpha: float = _default(_c.FinetuneConfig, "finetune.distill_alpha", "--distill-alpha", help="Loss = (1 - alpha) CE + alpha KD, alpha in [0, 1]."),
+    distill_temperature: float = _default(_c.FinetuneConfig, "finetune.distill_temperature", "--distill-temperature"),
+    teacher: str = _default(_c.FinetuneConfig, "finetune.teacher", "--teacher", help="dense (the base model in the manifest) | STAGE (prune, dsnot, merge) | PATH (folder, hub id, alias)"),
+    teacher_device: str = _default(_c.FinetuneConfig, "finetune.teacher_device", "--teacher-device", help="same (the training device) | cpu | cuda | cuda:N"),
     resume: bool = _default(_c.FinetuneConfig, "resume", "--resume"),
     device: str = _default(_c.FinetuneConfig, "model.device", "--device", help="auto | cpu | cuda"),
     dtype: str = _default(_c.FinetuneConfig, "model.dtype", "--dtype", help="Base weights: auto (float32 CPU, bfloat16 GPU) | float32 | bfloat16 | float16"),

@@ -39,9 +39,16 @@ class PruneSection(Section):
     use_variant: bool = False
     blocksize: int = Field(128, ge=1)
     percdamp: float = Field(0.01, gt=0)
+    ria_alpha: float = Field(0.5, ge=0, allow_inf_nan=False,
+                             description="RIA: exponent a of the input norm, score = RI * ||X_j|| ** a")
     threshold_rule: Literal["exact", "reference"] = "exact"
     propagate: Literal["pruned", "dense"] = "pruned"
     offload: bool = False
+    profile: Literal["uniform", "owl"] = Field("uniform", description="uniform (every block at the target) | "
+                                              "owl (outlier-weighted layer-wise sparsity)")
+    owl_m: float = Field(5.0, gt=0, description="OWL outlier threshold: scores above M x their block mean "
+                         "(the OWL README's LLaMA setting; its code's default is 3)")
+    owl_lambda: float = Field(0.08, ge=0, description="OWL spread: block keep ratios span [1-S-lambda, 1-S+lambda]")
 
     @field_validator("method")
     @classmethod
@@ -65,6 +72,15 @@ class PruneSection(Section):
             raise ValueError("use_variant applies to wanda with an unstructured pattern only")
         if isinstance(pat, NM) and self.method == "sparsegpt" and self.blocksize % pat.m:
             raise ValueError(f"SparseGPT blocksize {self.blocksize} must be divisible by M={pat.m}")
+        if self.profile == "owl":
+            if isinstance(pat, NM):
+                raise ValueError("profile owl needs an unstructured target (mixed N:M per block is not built)")
+            if self.use_variant:
+                raise ValueError("profile owl with use_variant is not supported")
+            limit = min(pat.sparsity, 1 - pat.sparsity)
+            if self.owl_lambda > limit + 1e-12:
+                raise ValueError(f"owl_lambda {self.owl_lambda} must lie in [0, min(S, 1-S)] = [0, {limit:g}] so every "
+                                 "block's sparsity stays within [0, 1]")
         return self
 
     def parsed_pattern(self):
@@ -87,7 +103,8 @@ class FinetuneSection(Section):
     """Sparsity-preserving fine-tuning. `None` means the method's reference default (see README)."""
 
     method: str = "lors"
-    from_stage: Literal["auto", "prune", "dsnot"] = Field("auto", description="auto: dsnot if present, else prune")
+    from_stage: Literal["auto", "prune", "dsnot", "reconstruct"] = Field(
+        "auto", description="auto: reconstruct if present, else dsnot, else prune")
     targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS),
                                description="module-name suffixes to adapt (peft's target_modules)")
     rank: int = Field(16, ge=1)
@@ -123,6 +140,24 @@ class FinetuneSection(Section):
     eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches per evaluation")
     save_every: int = Field(200, ge=1, description="resumable checkpoint every N optimizer steps")
     log_every: int = Field(10, ge=1)
+    distill: Literal["none", "kl", "squarehead"] = Field(
+        "none", description="distil from a teacher: none | kl (KL on the logits) | squarehead (KL + per-block "
+        "normalised hidden-state MSE)")
+    distill_alpha: float = Field(1.0, ge=0, le=1, allow_inf_nan=False,
+                                 description="loss = (1 - alpha) CE + alpha KD (1.0: distillation only)")
+    distill_temperature: float = Field(1.0, gt=0, allow_inf_nan=False,
+                                       description="softmax temperature T of the KL term (scaled by T^2)")
+    teacher: str = Field("dense", min_length=1, description="dense (the base model in the manifest) | a checkpoint "
+                         "stage of the run (prune, dsnot, merge) | a model folder, hub id or built-in alias")
+    teacher_device: str = Field("same", description="same (the training device) | cpu | cuda | cuda:N")
+
+    @field_validator("teacher_device")
+    @classmethod
+    def _teacher_device(cls, v: str) -> str:
+        key = v.strip().lower()
+        if key not in ("same", "cpu", "cuda") and not (key.startswith("cuda:") and key[5:].isdigit()):
+            raise ValueError(f"unknown teacher device {v!r}: same, cpu, cuda or cuda:N")
+        return key
 
     @field_validator("method")
     @classmethod
@@ -276,6 +311,18 @@ class DsnotSection(Section):
     batch_size: int = Field(1, ge=1, description="calibration windows per forward call")
 
 
+class ReconstructSection(Section):
+    """SparseGPT re-solve of the kept weights of a stored mask (the mask stays fixed)."""
+
+    enabled: bool = True
+    from_stage: Literal["auto", "prune", "dsnot"] = Field("auto", description="the stage whose masks are kept: "
+                                                          "auto = dsnot if present, else prune")
+    blocksize: int = Field(128, ge=1, description="SparseGPT column block size")
+    percdamp: float = Field(0.01, gt=0, description="SparseGPT damping, fraction of mean(diag H)")
+    offload: bool = Field(False, description="keep the model on the CPU; only the current block on the device")
+    batch_size: int = Field(1, ge=1, description="calibration windows per forward call")
+
+
 class MergeSection(Section):
     enabled: bool = True
     ppl_windows: int = Field(8, ge=1, description="held-out wiki-en windows for the before/after check")
@@ -336,6 +383,7 @@ class PipelineConfig(Section):
     calib: CalibSection = CalibSection()
     prune: PruneSection
     dsnot: DsnotSection | None = None
+    reconstruct: ReconstructSection | None = None
     finetune: FinetuneSection | None = None
     merge: MergeSection | None = None
     audit: AuditSection = AuditSection()
@@ -392,11 +440,16 @@ def _contradictions(data: dict[str, Any]) -> list[str]:
     if dsnot_on and dsnot.get("init") == "recompute" and method not in ("wanda", "magnitude"):
         out.append(f"dsnot.init: recompute cannot rebuild a {method} mask (SparseGPT's comes with OBS-updated "
                    "weights); use init: stored or leave it unset")
-    if finetune_on and finetune.get("from_stage") == "dsnot" and not dsnot_on:
-        out.append("finetune.from_stage: dsnot, but the pipeline has no dsnot stage")
+    reconstruct_on = _section_on(data, "reconstruct")
+    reconstruct = data.get("reconstruct") if isinstance(data.get("reconstruct"), dict) else {}
+    for name, section, on in (("finetune", finetune, finetune_on), ("reconstruct", reconstruct, reconstruct_on)):
+        for needed, present in (("dsnot", dsnot_on), ("reconstruct", reconstruct_on)):
+            if on and section.get("from_stage") == needed and not present:
+                out.append(f"{name}.from_stage: {needed}, but the pipeline has no {needed} stage")
     ev = data.get("eval") if isinstance(data.get("eval"), dict) else {}
     if isinstance(ev.get("stages"), list):
-        produced = {"dense", "prune"} | {s for s, on in (("dsnot", dsnot_on), ("merge", merge_on)) if on}
+        produced = {"dense", "prune"} | {s for s, on in (("dsnot", dsnot_on), ("reconstruct", reconstruct_on),
+                                                         ("merge", merge_on)) if on}
         for i, stage in enumerate(ev["stages"]):
             if stage in EVAL_STAGES and stage not in produced:
                 out.append(f"eval.stages.{i}: the pipeline never produces a {stage} stage "
@@ -432,6 +485,11 @@ class RuntimeSection(Section):
 class DsnotConfig(Section):
     model: RuntimeSection = RuntimeSection()
     dsnot: DsnotSection = DsnotSection()
+
+
+class ReconstructConfig(Section):
+    model: RuntimeSection = RuntimeSection()
+    reconstruct: ReconstructSection = ReconstructSection()
 
 
 class FinetuneConfig(Section):

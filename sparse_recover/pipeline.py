@@ -41,17 +41,28 @@ def select(cfg: PipelineConfig, from_stage: str | None, until_stage: str | None)
     return stages[lo:hi + 1]
 
 
+def _source(cfg: PipelineConfig, stage: str) -> str:
+    """The stage `stage` reads: its section's from_stage, or (auto) the first of its table inputs that the
+    pipeline produces."""
+    from sparse_recover.stages import STAGES
+
+    section = getattr(cfg, stage)
+    src = section.from_stage if section is not None else "auto"
+    if src != "auto":
+        return src
+    return next((s for s in STAGES[stage].inputs if cfg.enabled(s)), "prune")
+
+
 def finetune_source(cfg: PipelineConfig) -> str:
-    src = cfg.finetune.from_stage if cfg.finetune is not None else "auto"
-    return ("dsnot" if cfg.enabled("dsnot") else "prune") if src == "auto" else src
+    return _source(cfg, "finetune")
 
 
 def inputs_of(cfg: PipelineConfig, stage: str) -> list[str]:
     """Run-directory stages that `stage` reads."""
     if stage == "dsnot":
         return ["prune"]
-    if stage == "finetune":
-        return [finetune_source(cfg)]
+    if stage in ("finetune", "reconstruct"):
+        return [_source(cfg, stage)]
     if stage == "merge":
         return ["finetune"]
     if stage == "audit":
@@ -79,6 +90,9 @@ def requested_config(cfg: PipelineConfig, stage: str, model_kind: str, prune_met
         data = {k: getattr(cfg.dsnot, k) for k in SETTINGS_KEYS}
         data["init"] = resolve_init(data["init"], prune_method or cfg.prune.method)
         return data
+    if stage == "reconstruct":
+        r = cfg.reconstruct
+        return {"from_stage": _source(cfg, "reconstruct"), "blocksize": r.blocksize, "percdamp": r.percdamp}
     if stage == "finetune":
         return {**cfg.finetune.resolved(), "from_stage": finetune_source(cfg)}
     if stage == "merge":
@@ -229,6 +243,13 @@ class Pipeline:
         from sparse_recover.config import DsnotConfig
 
         return dsnot.run(DsnotConfig(model=self._runtime(), dsnot=self.cfg.dsnot), self.rd, force=force)
+
+    def _reconstruct(self, force: bool, resume: bool) -> Any:
+        from sparse_recover.commands import reconstruct
+        from sparse_recover.config import ReconstructConfig
+
+        section = self.cfg.reconstruct.model_copy(update={"from_stage": _source(self.cfg, "reconstruct")})
+        return reconstruct.run(ReconstructConfig(model=self._runtime(), reconstruct=section), self.rd, force=force)
 
     def _finetune(self, force: bool, resume: bool) -> Any:
         from sparse_recover.commands import finetune

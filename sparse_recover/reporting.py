@@ -144,11 +144,14 @@ def _chain(manifest: dict[str, Any], stage: str) -> str:
         return base
     if stage == "dsnot":
         return f"{base} + dsnot"
+    if stage == "reconstruct":
+        source = (stages.get("reconstruct") or {}).get("source_stage", "prune")
+        return _chain(manifest, source if source in ("prune", "dsnot") else "prune") + " + sparsegpt-reconstruct"
     ft = stages.get("finetune") or {}
     merge = stages.get("merge") or {}
     train = ft.get("train") if isinstance(ft.get("train"), dict) else {}
     source = merge.get("source_stage") or ft.get("from")
-    if source not in ("prune", "dsnot"):
+    if source not in ("prune", "dsnot", "reconstruct"):
         source = "dsnot" if _complete(manifest, "dsnot") else "prune"
     ft_method = train.get("method") or merge.get("finetune_method") or ft.get("method")
     return _chain(manifest, source) + (f" + {ft_method}" if ft_method else " + finetune")

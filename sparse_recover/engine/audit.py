@@ -37,5 +37,6 @@ def audit_stage(rd: RunDir, stage: str) -> dict[str, Any]:
     layers = rec.sparsity.layers if rec.sparsity else {}
     expect = Expectation(pattern=rec.parsed_pattern(), group=rec.group or "none", group_size=rec.group_size,
                          masks_sha256=rec.masks_sha256,
-                         pruned_layers=[k for k, v in layers.items() if "shape" in v])
+                         pruned_layers=[k for k, v in layers.items() if "shape" in v],
+                         layer_targets={k: float(v["target"]) for k, v in layers.items() if "target" in v})
     return audit_checkpoint(rd.stage_dir(stage), expect, row_reference=reference)

@@ -45,6 +45,12 @@ def resolve_init(init: str | None, prune_method: str | None) -> str:
     return init
 
 
+def layer_targets(prune) -> dict[str, float]:
+    """Per-linear targets of a layer-wise profile (OWL): DSnoT keeps each layer's count."""
+    layers = prune.sparsity.layers if prune.sparsity else {}
+    return {k: float(v["target"]) for k, v in layers.items() if "target" in v}
+
+
 @dataclass
 class DsnotRequest:
     cfg: DsnotConfig
@@ -68,11 +74,9 @@ def dsnot_stage(req: DsnotRequest, rd: RunDir) -> dict[str, Any]:
     """Compute and commit RUN/dsnot; returns the manifest record."""
     import sys
 
-    from sparse_recover.config import CalibSection
     from sparse_recover.data import tensor_sha256
-    from sparse_recover.engine.stageio import (commit_checkpoint, dense_source, inputs_identity, layer_totals,
-                                               load_or_sample_windows, tokenizer_identity)
-    from sparse_recover.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from sparse_recover.engine.stageio import commit_checkpoint, dense_calibration, inputs_identity, layer_totals
+    from sparse_recover.models import load_model
     from sparse_recover.refine.dsnot import DSnoTSettings
     from sparse_recover.runtime import format_seconds, metered, versions
     from sparse_recover.sparsity.audit import CheckpointTensors
@@ -81,12 +85,8 @@ def dsnot_stage(req: DsnotRequest, rd: RunDir) -> dict[str, Any]:
 
     d, runtime, pattern, init = req.cfg.dsnot, req.cfg.model, req.pattern, req.init
     prune_dir, prune = rd.stage_dir("prune"), rd.record("prune")
-    source = dense_source(rd, "DSnoT needs the dense weights")
-    dev = resolve_device(runtime.device)
-    dt = resolve_dtype(runtime.dtype, dev)
-    tokenizer = load_tokenizer(source.path)
-    calib = CalibSection(**{**prune.config.get("calib", {}), "batch_size": d.batch_size})
-    windows, calib_meta, new_windows = load_or_sample_windows(rd, calib, tokenizer, tokenizer_identity(tokenizer))
+    source, dev, dt, tokenizer, calib, windows, calib_meta, new_windows = dense_calibration(
+        rd, runtime, d.batch_size, "DSnoT needs the dense weights")
     stored_masks, _ = load_masks(prune_dir / MASKS_FILE)
     prune_tensors = CheckpointTensors(prune_dir)
     model = load_model(source, dtype=dt)
@@ -96,7 +96,7 @@ def dsnot_stage(req: DsnotRequest, rd: RunDir) -> dict[str, Any]:
         masks, layers, transposed = dsnot_model(
             model, windows, pattern, settings, init=init, targets=d.targets, prune_method=req.prune_method,
             stored_masks=stored_masks, prune_tensors=prune_tensors, device=dev, offload=d.offload,
-            batch_size=d.batch_size)
+            batch_size=d.batch_size, layer_targets=layer_targets(prune))
         timing = meter.stop()
     overall = layer_totals(layers)
     swaps = sum(v.get("swaps", 0) for v in layers.values())
@@ -137,19 +137,22 @@ def dsnot_stage(req: DsnotRequest, rd: RunDir) -> dict[str, Any]:
 
 def dsnot_model(model, windows, pattern, settings, *, init: str, targets: str, prune_method: str,
                 stored_masks: dict[str, Any] | None, prune_tensors=None, device, offload: bool = False,
-                batch_size: int = 1, show_progress: bool = True):
+                batch_size: int = 1, show_progress: bool = True, layer_targets: dict[str, float] | None = None):
     """Refine the masks of every decoder linear in place on the DENSE `model`; returns
     (masks, per-layer info, transposed names). Knows nothing of run directories.
 
     stored_masks: the prune stage's masks (which linears were pruned; the initial masks when
     init == "stored"); None refines every linear from a recomputed initial mask. prune_tensors: the prune checkpoint's tensors (kept values when "stored").
+    layer_targets: per-linear unstructured targets of a layer-wise profile (OWL) instead of `pattern`.
     """
     import torch
 
     from sparse_recover import refine
-    from sparse_recover.calibration import layerwise
-    from sparse_recover.models import decoder_blocks, is_conv1d, weight_2d
-    from sparse_recover.runtime import progress
+    from sparse_recover.engine.stageio import layerwise_with_progress
+    from sparse_recover.models import is_conv1d, weight_2d
+    from sparse_recover.sparsity.patterns import Unstructured
+
+    own_targets = layer_targets or {}
 
     masks: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
@@ -166,9 +169,10 @@ def dsnot_model(model, windows, pattern, settings, *, init: str, targets: str, p
                 if stat is None:
                     raise RuntimeError(f"{key} was pruned but never called during the DSnoT pass")
                 dense = weight_2d(mod).detach()
+                own = Unstructured(own_targets[key]) if key in own_targets else pattern
                 if init == "recompute":
                     metric = dense.abs().float() if prune_method == "magnitude" else None
-                    keep0 = refine.dsnot_initial_keep(dense, stat.sq_norm, pattern, initial_metric=metric)
+                    keep0 = refine.dsnot_initial_keep(dense, stat.sq_norm, own, initial_metric=metric)
                     base = dense
                 else:
                     metric = None
@@ -178,7 +182,7 @@ def dsnot_model(model, windows, pattern, settings, *, init: str, targets: str, p
                     base = torch.where(keep0, pruned_w, dense)  # kept: prune-stage values; regrown: dense
                 info: dict[str, Any] = {"refined": targeted(name, targets)}
                 if info["refined"]:
-                    res = refine.dsnot_refine(dense, keep0, stat.sq_norm, stat.sum, stat.var, pattern, settings,
+                    res = refine.dsnot_refine(dense, keep0, stat.sq_norm, stat.sum, stat.var, own, settings,
                                               initial_metric=metric)
                     keep = res.keep
                     info.update(swaps=res.swaps, error_before=res.error_before.mean_abs,
@@ -198,16 +202,13 @@ def dsnot_model(model, windows, pattern, settings, *, init: str, targets: str, p
                     transposed.append(key)
                 info.update(shape=list(keep_cpu.shape), kept=int(keep_cpu.sum()),
                             sparsity=round(1 - keep_cpu.float().mean().item(), 6))
+                if key in own_targets:
+                    info["target"] = own_targets[key]
                 if stored_masks is not None:
                     info["changed_vs_prune"] = int((keep_cpu != stored_masks[key].to(torch.bool)).sum())
                 layers[key] = info
 
-    _, blocks = decoder_blocks(model)
-    bar = progress(len(blocks), f"dsnot {pattern.name} ({targets})") if show_progress else None
-    try:
-        layerwise(model, windows, process, statistic="dsnot", device=device, offload=offload,
-                  batch_size=batch_size, propagate="pruned", progress=(lambda i: bar.update(1)) if bar else None)
-    finally:
-        if bar is not None:
-            bar.close()
+    layerwise_with_progress(model, windows, process, f"dsnot {pattern.name} ({targets})", show_progress=show_progress,
+                            statistic="dsnot", device=device, offload=offload, batch_size=batch_size,
+                            propagate="pruned")
     return masks, layers, transposed

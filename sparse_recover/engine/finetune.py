@@ -5,7 +5,8 @@ adapters (SPP, LoRS, LoRA-then-remask, SQFT), trains only the adapters with one 
 and writes RUN/finetune: adapter.safetensors, adapter_config.json, trainer_log.json and
 training_state/ (the last checkpoint: optimizer, scheduler, RNG, step). While training, resumable
 checkpoints live in RUN/.finetune.partial/; `--resume` continues from the newest one exactly, with
-the interrupted run's stored settings.
+the interrupted run's stored settings. With `distill` kl | squarehead a frozen teacher (the dense base
+model by default) is loaded once and the loss is train/distill.py's (1 - alpha) CE + alpha KD.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 RESUME_KEYS = ("method", "from_stage", "targets", "rank", "lora_alpha", "scaling", "dropout", "exact_grad", "ga_init",
                "init_samples", "data", "data_format", "seqlen", "train_on_inputs", "val_size", "max_train_samples",
                "epochs", "max_steps", "batch_size", "micro_batch_size", "lr", "min_lr", "weight_decay",
-               "warmup_ratio", "scheduler", "max_grad_norm", "seed")
+               "warmup_ratio", "scheduler", "max_grad_norm", "seed", "distill", "distill_alpha",
+               "distill_temperature", "teacher")
 
 
 def source_stage(rd: RunDir, from_stage: str) -> str:
@@ -89,11 +91,81 @@ def make_accelerator(device: str, mixed_precision: str):
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
 
+def teacher_source(rd: RunDir, teacher: str):
+    """The distillation teacher's ModelSource: `dense` (the base model the manifest names), a checkpoint
+    stage of this run (prune, dsnot, merge), or a model folder, hub id or built-in alias."""
+    from sparse_recover.engine.stageio import dense_source
+    from sparse_recover.errors import ModelSourceError
+    from sparse_recover.models import ModelSource, resolve_model_source
+    from sparse_recover.stages import CHECKPOINT_STAGES
+
+    key = teacher.strip()
+    if key.lower() == "dense":
+        return dense_source(rd, "distillation needs it as the teacher: give --teacher STAGE|PATH")
+    if key.lower() in CHECKPOINT_STAGES:
+        return ModelSource(spec=key.lower(), kind="local", path=str(rd.require(key.lower())))
+    try:
+        return resolve_model_source(key)
+    except ModelSourceError as exc:
+        raise ModelSourceError(f"teacher {key}: {exc}") from None
+
+
+def check_teacher(source, student_dir, distill: str) -> None:
+    """One ConfigError line unless the teacher reads the student's tokens (same tokenizer and logit width)
+    and, for SquareHead, has as many decoder blocks of the same width."""
+    from sparse_recover.engine.stageio import tokenizer_identity
+    from sparse_recover.errors import ModelSourceError
+    from sparse_recover.models import ModelSource, load_config, load_tokenizer
+
+    student = ModelSource(spec=str(student_dir), kind="local", path=str(student_dir))
+    mine = tokenizer_identity(load_tokenizer(student.path))
+    try:
+        theirs = tokenizer_identity(load_tokenizer(source.path))
+    except ModelSourceError as exc:  # a hub id that cannot be reached, a folder without a tokenizer
+        raise ModelSourceError(f"teacher {source.spec}: {exc}") from None
+    if mine != theirs:
+        raise ConfigError(f"the teacher {source.spec} has another tokenizer ({theirs}) than the student ({mine}): "
+                          "distillation compares the two models token by token over one vocabulary")
+    scfg, tcfg = load_config(student), load_config(source)
+    keys = {"vocab_size": "vocabulary size"}
+    if distill == "squarehead":
+        keys.update(num_hidden_layers="number of decoder blocks", hidden_size="hidden width")
+    for key, what in keys.items():
+        if getattr(scfg, key, None) != getattr(tcfg, key, None):
+            raise ConfigError(f"the teacher {source.spec} has another {what} ({getattr(tcfg, key, None)}) than the "
+                              f"student ({getattr(scfg, key, None)})" + (": SquareHead pairs the blocks one to one"
+                                                                        if key != "vocab_size" else ""))
+
+
+def load_distiller(section: FinetuneSection, source, student, dtype, dev):
+    """(Distiller, record entry): the teacher loaded once, frozen, in the training dtype, on its device."""
+    import torch
+
+    from sparse_recover.models import config_fingerprint, load_model
+    from sparse_recover.train.distill import Distiller, DistillSettings
+
+    where = section.teacher_device
+    tdev = dev if where == "same" or (where == "cuda" and dev.type == "cuda") else torch.device(where)
+    if tdev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--teacher-device {where} needs a GPU")
+    teacher = load_model(source, dtype=dtype, device=tdev)
+    settings = DistillSettings(section.distill, section.distill_alpha, section.distill_temperature)
+    try:
+        distiller = Distiller(teacher, student, settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    info = {"kind": settings.kind, "alpha": settings.alpha, "temperature": settings.temperature,
+            "teacher": section.teacher, "teacher_source": source.to_json(),
+            "teacher_fingerprint": config_fingerprint(teacher.config), "teacher_device": str(tdev)}
+    return distiller, info
+
+
 @dataclass
 class FinetuneRequest:
     cfg: FinetuneConfig
     stage: str
     resolved: dict[str, Any]
+    teacher: Any = None  # the distillation teacher's ModelSource, or None
 
     def requested(self) -> dict[str, Any]:
         return {**self.resolved, "from_stage": self.stage}
@@ -123,7 +195,11 @@ def prepare(cfg: FinetuneConfig, rd: RunDir) -> FinetuneRequest:
         if changed:
             raise ConfigError(f"--resume: settings differ from the interrupted run ({'; '.join(changed)}); "
                               "resume with --resume alone (the stored settings) or start over with --force")
-    return FinetuneRequest(cfg, stage, resolved)
+    teacher = None
+    if section.distill != "none":
+        teacher = teacher_source(rd, section.teacher)
+        check_teacher(teacher, rd.stage_dir(stage), section.distill)
+    return FinetuneRequest(cfg, stage, resolved, teacher)
 
 
 def recorded_config(rec) -> dict[str, Any]:
@@ -172,6 +248,9 @@ def finetune_stage(req: FinetuneRequest, rd: RunDir) -> dict[str, Any]:
     dev = accelerator.device
     torch_dtype = resolve_dtype(dtype, dev)
     model, tokenizer, masks, transposed = load_sparse_stage(rd, stage, torch_dtype, dev)
+    distiller, distill_info = None, None
+    if req.teacher is not None:  # loaded before anything is written: a teacher that fails leaves RUN as it was
+        distiller, distill_info = load_distiller(section, req.teacher, model, torch_dtype, dev)
     targets = find_targets(model, section.targets)
     check_targets(targets, cls, section.rank)
     data = training_data(section.data, tokenizer, data_format=section.data_format, seqlen=section.seqlen,
@@ -209,9 +288,16 @@ def finetune_stage(req: FinetuneRequest, rd: RunDir) -> dict[str, Any]:
             print(f"finetune: {section.method} on {stage} ({len(adapters)} linears, {n_train:,} trainable parameters "
                   f"= {n_train / n_base:.3%} of {n_base:,}); {data.info['train']} training / {data.info['val']} "
                   f"held-out {data.kind} examples from {data.name}; {plan.total_steps} steps of {section.batch_size} "
-                  f"sequences on {accelerator.num_processes} process(es)" + (" (resuming)" if resume else ""))
-        result = train(model, adapters, data, settings, accelerator, pad_id=pad_id, work_dir=work_dir, resume=resume,
-                       describe=f"finetune {section.method}")
+                  f"sequences on {accelerator.num_processes} process(es)" + (" (resuming)" if resume else "")
+                  + (f"; distilling ({section.distill}, alpha {section.distill_alpha}, T {section.distill_temperature}) "
+                     f"from {req.teacher.spec} on {distill_info['teacher_device']}" if distiller else ""))
+        try:
+            result = train(model, adapters, data, settings, accelerator, pad_id=pad_id, work_dir=work_dir,
+                           resume=resume, describe=f"finetune {section.method}", distiller=distiller)
+        finally:
+            if distiller is not None:
+                distiller.close()
+                del distiller
         timing = meter.stop()
 
     entry: dict[str, Any] = {}
@@ -245,6 +331,8 @@ def finetune_stage(req: FinetuneRequest, rd: RunDir) -> dict[str, Any]:
                       "resumed_from": result.resumed_from},
             **timing,
         }
+        if distill_info is not None:
+            entry["distill"] = distill_info
         with rd.staging("finetune") as (tmp,):
             save_file(adapter_state_dict(adapters), str(tmp / ADAPTER_FILE))
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=1))

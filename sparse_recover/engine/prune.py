@@ -53,7 +53,7 @@ def prepare(cfg: PruneConfig, rd: RunDir) -> PruneRequest:
     if isinstance(pattern, NM):
         check_divisible(hf_config, pattern.m)
     calib = cfg.calib.model_copy(update={"source": resolve_calib_source(cfg.calib.source, source.kind)})
-    if method.statistic is not None:
+    if method.statistic is not None or cfg.prune.profile != "uniform":
         check_data_source(calib.source)
     return PruneRequest(cfg, source, hf_config, pattern, method, device, dtype, calib)
 
@@ -72,15 +72,22 @@ def prune_stage(req: PruneRequest, rd: RunDir) -> dict[str, Any]:
     rd.check_model(entry_model)
     tokenizer = load_tokenizer(req.source.path)
     windows, calib_meta, new_windows = None, {}, False
-    if method.statistic is not None:
+    if method.statistic is not None or cfg.prune.profile != "uniform":
         windows, calib_meta, new_windows = load_or_sample_windows(rd, calib, tokenizer, tokenizer_identity(tokenizer))
     model = load_model(req.source, dtype=req.dtype)
     settings = PruneSettings(pattern=pattern, rule=cfg.prune.threshold_rule, use_variant=cfg.prune.use_variant,
-                             blocksize=cfg.prune.blocksize, percdamp=cfg.prune.percdamp)
+                             blocksize=cfg.prune.blocksize, percdamp=cfg.prune.percdamp, ria_alpha=cfg.prune.ria_alpha)
+    profile: dict[str, Any] = {"profile": cfg.prune.profile}
     with metered() as meter:
+        blocks = None
+        if cfg.prune.profile == "owl":
+            ratios, blocks = owl_profile(model, windows, pattern.sparsity, cfg.prune.owl_m, cfg.prune.owl_lambda,
+                                         device=req.device, offload=cfg.prune.offload, batch_size=calib.batch_size)
+            profile.update(owl_m=cfg.prune.owl_m, owl_lambda=cfg.prune.owl_lambda, outlier_ratios=ratios,
+                           block_targets=blocks)
         masks, layers, transposed = prune_model(model, method, settings, windows, device=req.device,
                                                 offload=cfg.prune.offload, batch_size=calib.batch_size,
-                                                propagate=cfg.prune.propagate)
+                                                propagate=cfg.prune.propagate, block_sparsity=blocks)
         timing = meter.stop()
     retried = [k for k, v in layers.items() if v.get("cholesky_retries")]
     if retried:
@@ -100,7 +107,7 @@ def prune_stage(req: PruneRequest, rd: RunDir) -> dict[str, Any]:
         "versions": versions(),
         "calibration": ({**calib_meta, "windows_sha256": tensor_sha256(windows)} if windows is not None else None),
         "sparsity": {"target": pattern.sparsity, "overall": round(overall, 6), "linears": len(masks),
-                     "layers": layers},
+                     **profile, "layers": layers},
         **timing,
     }
     commit_checkpoint(rd, "prune", entry, model, tokenizer, masks, transposed, pattern,
@@ -113,12 +120,39 @@ def prune_stage(req: PruneRequest, rd: RunDir) -> dict[str, Any]:
     return rd.stage_entry("prune")
 
 
+def owl_profile(model, windows, target: float, m: float, lam: float, *, device, offload: bool = False,
+                batch_size: int = 1, show_progress: bool = True) -> tuple[list[float], list[float]]:
+    """OWL's first pass: (outlier ratio, sparsity) per decoder block, from the Wanda scores of the dense
+    model on dense activations (see pruning/owl.py). The model is not modified."""
+    from sparse_recover.engine.stageio import layerwise_with_progress
+    from sparse_recover.models import weight_2d
+    from sparse_recover.pruning.owl import block_sparsities, outlier_ratio
+    from sparse_recover.pruning.wanda import wanda_score
+
+    ratios: list[float] = []
+
+    def score_block(ctx) -> None:
+        stat_of = {name: ctx.stats[group[0]].value for group in ctx.groups if group[0] in ctx.stats for name in group}
+        scores = [wanda_score(weight_2d(mod), stat_of[name]) for name, mod in ctx.linears.items() if name in stat_of]
+        ratios.append(outlier_ratio(scores, m))
+
+    layerwise_with_progress(model, windows, score_block, "owl outlier ratios", show_progress=show_progress,
+                            statistic="sq_norm", device=device, offload=offload, batch_size=batch_size,
+                            propagate="dense")
+    return ratios, block_sparsities(ratios, target, lam)
+
+
 def prune_model(model, method, settings, windows, *, device, offload: bool = False, batch_size: int = 1,
-                propagate: str = "pruned", show_progress: bool = True):
+                propagate: str = "pruned", show_progress: bool = True, block_sparsity: list[float] | None = None):
     """Prune every linear of every decoder block in place; returns (masks, per-layer info, transposed names).
 
-    Knows nothing of run directories: the benchmark and the tests call it directly.
+    block_sparsity: one unstructured target per decoder block (a layer-wise profile such as OWL) instead of
+    the settings' pattern. Knows nothing of run directories: the benchmark and the tests call it directly.
     """
+    from dataclasses import replace
+
+    from sparse_recover.sparsity.patterns import Unstructured
+
     import torch
 
     from sparse_recover.calibration import layerwise
@@ -129,7 +163,10 @@ def prune_model(model, method, settings, windows, *, device, offload: bool = Fal
     layers: dict[str, dict[str, Any]] = {}
     transposed: list[str] = []
 
-    def prune_linears(prefix: str, linears: dict[str, Any], groups: list[list[str]], stats: dict[str, Any]):
+    def prune_linears(index: int, prefix: str, linears: dict[str, Any], groups: list[list[str]],
+                      stats: dict[str, Any]):
+        block_settings = settings if block_sparsity is None else replace(
+            settings, pattern=Unstructured(block_sparsity[index]))
         for group in groups:
             stat = stats.get(group[0])
             if method.statistic is not None and stat is None:
@@ -142,7 +179,7 @@ def prune_model(model, method, settings, windows, *, device, offload: bool = Fal
             for name, mod in zip(group, mods):
                 if not torch.isfinite(mod.weight).all():
                     raise NumericalError(f"{prefix}.{name} has non-finite weights: refusing to prune it")
-            outcomes = method.fn([weight_2d(m).detach() for m in mods], stat.value if stat else None, settings)
+            outcomes = method.fn([weight_2d(m).detach() for m in mods], stat.value if stat else None, block_settings)
             for name, mod, res in zip(group, mods, outcomes):
                 with torch.no_grad():
                     if res.weight is not None:
@@ -156,6 +193,8 @@ def prune_model(model, method, settings, windows, *, device, offload: bool = Fal
                     transposed.append(key)
                 layers[key] = {"shape": list(keep.shape), "kept": int(keep.sum()),
                                "sparsity": round(1 - keep.float().mean().item(), 6), **res.info}
+                if block_sparsity is not None:
+                    layers[key]["target"] = block_sparsity[index]
 
     blocks_name, blocks = decoder_blocks(model)
     bar = progress(len(blocks), f"prune {method.name} {settings.pattern.name}") if show_progress else None
@@ -164,11 +203,11 @@ def prune_model(model, method, settings, windows, *, device, offload: bool = Fal
         if method.statistic is None:  # data-free: no calibration pass at all
             for i, block in enumerate(blocks):
                 lin = prunable_linears(block)
-                prune_linears(f"{blocks_name}.{i}", lin, [[n] for n in lin], {})
+                prune_linears(i, f"{blocks_name}.{i}", lin, [[n] for n in lin], {})
                 if tick:
                     tick(i)
         else:
-            layerwise(model, windows, lambda ctx: prune_linears(ctx.prefix, ctx.linears, ctx.groups, ctx.stats),
+            layerwise(model, windows, lambda ctx: prune_linears(ctx.index, ctx.prefix, ctx.linears, ctx.groups, ctx.stats),
                       statistic=method.statistic, device=device, offload=offload, batch_size=batch_size,
                       propagate=propagate, progress=tick)
     finally:

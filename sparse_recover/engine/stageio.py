@@ -162,3 +162,33 @@ def write_log(rd: RunDir, stage: str, header: str, lines: list[str], when: str |
 def inputs_identity(rd: RunDir, *stages: str) -> dict[str, str | None]:
     manifest = rd.manifest()
     return {s: (manifest.stages[s].identity() if s in manifest.stages else None) for s in stages}
+
+
+def layerwise_with_progress(model, windows, process, label: str, *, show_progress: bool = True, **kwargs) -> None:
+    """calibration.layerwise over every decoder block with one progress bar (unit: block)."""
+    from sparse_recover.calibration import layerwise
+    from sparse_recover.models import decoder_blocks
+    from sparse_recover.runtime import progress
+
+    _, blocks = decoder_blocks(model)
+    bar = progress(len(blocks), label) if show_progress else None
+    try:
+        layerwise(model, windows, process, progress=(lambda i: bar.update(1)) if bar else None, **kwargs)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def dense_calibration(rd: RunDir, runtime, batch_size: int, needs: str):
+    """What a pass over the dense base model needs: (source, device, dtype, tokenizer, calib settings,
+    windows, windows metadata, drawn now) with the prune stage's calibration settings."""
+    from sparse_recover.config import CalibSection
+    from sparse_recover.models import load_tokenizer, resolve_device, resolve_dtype
+
+    source = dense_source(rd, needs)
+    dev = resolve_device(runtime.device)
+    dt = resolve_dtype(runtime.dtype, dev)
+    tokenizer = load_tokenizer(source.path)
+    calib = CalibSection(**{**rd.record("prune").config.get("calib", {}), "batch_size": batch_size})
+    windows, calib_meta, new_windows = load_or_sample_windows(rd, calib, tokenizer, tokenizer_identity(tokenizer))
+    return source, dev, dt, tokenizer, calib, windows, calib_meta, new_windows

@@ -23,6 +23,7 @@ class PruneSettings:
     use_variant: bool = False  # Wanda appendix variant
     blocksize: int = 128  # SparseGPT
     percdamp: float = 0.01  # SparseGPT
+    ria_alpha: float = 0.5  # RIA: exponent of the activation norm
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Method:
             return "nm"
         if settings.rule == "reference":
             return "none"
-        return {"magnitude": "matrix", "wanda": "none" if settings.use_variant else "row",
+        return {"magnitude": "matrix", "ria": "matrix", "wanda": "none" if settings.use_variant else "row",
                 "sparsegpt": f"block{settings.blocksize}"}.get(self.name, "none")
 
 
@@ -63,13 +64,24 @@ def _wanda(weights, stat, settings: PruneSettings):
     return [PruneOutcome(keep=wanda_keep(w, stat, settings.pattern, settings.use_variant)) for w in weights]
 
 
-def _sparsegpt(weights, stat, settings: PruneSettings):
+def _ria(weights, stat, settings: PruneSettings):
+    from sparse_recover.pruning.ria import ria_keep
+
+    return [PruneOutcome(keep=ria_keep(w, stat, settings.pattern, settings.ria_alpha, settings.rule)) for w in weights]
+
+
+def _sparsegpt(weights, stat, settings: PruneSettings, fixed_keeps=None):
+    """SparseGPT on the matrices sharing one input, stacked; `fixed_keeps` (one mask per matrix) keeps
+    given masks and only re-solves the weights (see `sparsegpt_reconstruct`)."""
     from sparse_recover.pruning.sparsegpt import sparsegpt_prune
 
-    stacked = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights], dim=0)
-    res = sparsegpt_prune(stacked, stat, settings.pattern, blocksize=settings.blocksize,
+    def stack(ts):
+        return ts[0] if len(ts) == 1 else torch.cat([t.detach() for t in ts], dim=0)
+
+    res = sparsegpt_prune(stack(weights), stat, settings.pattern, blocksize=settings.blocksize,
                           percdamp=settings.percdamp, rule=settings.rule,
-                          segments=[w.shape[0] for w in weights])
+                          segments=[w.shape[0] for w in weights],
+                          fixed_keep=None if fixed_keeps is None else stack(fixed_keeps))
     outcomes, start = [], 0
     for w in weights:
         stop = start + w.shape[0]
@@ -80,12 +92,19 @@ def _sparsegpt(weights, stat, settings: PruneSettings):
     return outcomes
 
 
+def sparsegpt_reconstruct(weights, hessian, keeps, settings: PruneSettings) -> list[PruneOutcome]:
+    """Keep the given masks and re-solve the kept weights of matrices sharing one input with SparseGPT's
+    column-wise OBS updates (a mask from Wanda, OWL, RIA or DSnoT -> a reconstructed checkpoint)."""
+    return _sparsegpt(weights, hessian, settings, fixed_keeps=keeps)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("magnitude", None, _magnitude, "|W|, one threshold per matrix (data-free)"),
         Method("wanda", "sq_norm", _wanda, "|W| * input norm, per output row"),
         Method("sparsegpt", "hessian", _sparsegpt, "OBS reconstruction with adaptive masks"),
+        Method("ria", "sq_norm", _ria, "relative importance * input norm ** a, per matrix"),
     )
 }
 

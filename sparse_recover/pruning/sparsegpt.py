@@ -68,9 +68,16 @@ def sparsegpt_prune(
     rule: ThresholdRule = "exact",
     segments: list[int] | None = None,
     max_damp: float = 10.0,
+    fixed_keep: torch.Tensor | None = None,
 ) -> SparseGPTResult:
-    """Prune `weight` (out, in) given H (in, in). Neither input is modified."""
-    if isinstance(pattern, NM) and blocksize % pattern.m:
+    """Prune `weight` (out, in) given H (in, in). Neither input is modified.
+
+    fixed_keep: a given (out, in) keep mask instead of choosing one (llm-compressor's
+    `preserve_sparsity_mask`): the same column sweep re-solves the kept weights by OBS updates. With the
+    mask SparseGPT itself chose, the result is SparseGPT's own, operation for operation."""
+    if fixed_keep is not None and tuple(fixed_keep.shape) != tuple(weight.shape):
+        raise ValueError(f"fixed_keep has shape {tuple(fixed_keep.shape)}, the weight {tuple(weight.shape)}")
+    if fixed_keep is None and isinstance(pattern, NM) and blocksize % pattern.m:
         raise ConfigError(f"SparseGPT block size {blocksize} must be divisible by M={pattern.m}")
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
@@ -102,7 +109,9 @@ def sparsegpt_prune(
         U1 = U[i1:i2, i1:i2]
         d1 = torch.diag(U1)
 
-        if isinstance(pattern, NM):
+        if fixed_keep is not None:
+            mask1 = ~fixed_keep[:, i1:i2].to(W1.device, torch.bool)
+        elif isinstance(pattern, NM):
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
             score = W1**2 / d1.reshape(1, -1) ** 2
@@ -114,7 +123,7 @@ def sparsegpt_prune(
         for i in range(count):
             w = W1[:, i]
             d = U1[i, i]
-            if isinstance(pattern, NM) and i % pattern.m == 0:
+            if fixed_keep is None and isinstance(pattern, NM) and i % pattern.m == 0:
                 tmp = W1[:, i : i + pattern.m] ** 2 / d1[i : i + pattern.m].reshape(1, -1) ** 2
                 idx = torch.sort(tmp, dim=1, stable=True).indices[:, : pattern.n_prune]
                 mask1.scatter_(1, i + idx, True)

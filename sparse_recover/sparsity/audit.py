@@ -17,7 +17,7 @@ import torch
 
 from sparse_recover.sparsity.io import MASKS_FILE, CheckpointTensors, load_masks, masks_sha256
 from sparse_recover.sparsity.masks import nm_group_counts
-from sparse_recover.sparsity.patterns import NM, Pattern
+from sparse_recover.sparsity.patterns import NM, Pattern, Unstructured
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Expectation:
     group_size: int | None = None
     masks_sha256: str | None = None
     pruned_layers: list[str] = field(default_factory=list)
+    layer_targets: dict[str, float] = field(default_factory=dict)  # a layer-wise profile (OWL): per-linear target
 
 
 def _budget_ok(keep: torch.Tensor, group: str, pattern, group_size: int | None = None) -> bool | None:
@@ -107,7 +108,8 @@ def audit_checkpoint(folder: Path, expect: Expectation | None = None,
         if group == "prune-rows" and row_reference is not None and key in row_reference:
             budget = bool(torch.equal(keep.sum(dim=1), row_reference[key].sum(dim=1)))
         else:
-            budget = _budget_ok(keep, group, pattern, expect.group_size) if pattern is not None else None
+            own = Unstructured(expect.layer_targets[key]) if key in expect.layer_targets else pattern
+            budget = _budget_ok(keep, group, own, expect.group_size) if own is not None else None
         if budget is not None:
             row["budget_ok"] = budget
             if not budget:

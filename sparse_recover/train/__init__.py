@@ -1,5 +1,6 @@
 """One training loop on accelerate for every adapter: `loop` (the loop, the batch plan, the LoRS gradient
-pass), `schedule` (learning-rate schedules), `state` (resumable checkpoints)."""
+pass), `schedule` (learning-rate schedules), `state` (resumable checkpoints), `distill` (the teacher and the
+KL / SquareHead distillation losses)."""
 
 from sparse_recover.train.loop import (
     KILL_ENV,

@@ -126,9 +126,9 @@ class BatchPlan:
 
 def train(model, adapters: dict[str, Any], data, settings: TrainSettings, accelerator, *, pad_id: int,
           work_dir: Path, resume: bool = False, describe: str = "finetune",
-          on_checkpoint: Callable[[Path], None] | None = None) -> TrainResult:
+          on_checkpoint: Callable[[Path], None] | None = None, distiller=None) -> TrainResult:
     trainer = Trainer(model, adapters, data, settings, accelerator, pad_id=pad_id, work_dir=work_dir,
-                      on_checkpoint=on_checkpoint)
+                      on_checkpoint=on_checkpoint, distiller=distiller)
     if resume:
         trainer.resume()
     return trainer.run(describe)
@@ -138,10 +138,12 @@ class Trainer:
     """One fine-tuning run: optimizer, schedule and batch plan are built once; `run` trains to the end."""
 
     def __init__(self, model, adapters: dict[str, Any], data, settings: TrainSettings, accelerator, *, pad_id: int,
-                 work_dir: Path, on_checkpoint: Callable[[Path], None] | None = None):
+                 work_dir: Path, on_checkpoint: Callable[[Path], None] | None = None, distiller=None):
         from sparse_recover.adapters.model import trainable_parameters
 
         self.model, self.adapters, self.data, self.s = model, adapters, data, settings
+        self.distiller = distiller  # train.distill.Distiller: the loss becomes (1 - a) CE + a KD
+        self.step_parts: dict[str, float] = {}
         self.acc, self.pad_id, self.work_dir, self.on_checkpoint = accelerator, pad_id, work_dir, on_checkpoint
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.plan = BatchPlan(len(data.train), settings, self.world, self.rank)
@@ -203,7 +205,7 @@ class Trainer:
         p.tokens += int(self.acc.reduce(torch.tensor(step_tokens, device=self.acc.device), "sum"))
         p.step = done = step + 1
         record = {"step": done, "loss": round(mean_loss, 6), "lr": self.scheduler.get_last_lr()[0],
-                  "grad_norm": round(gnorm, 6), "tokens": p.tokens}
+                  "grad_norm": round(gnorm, 6), "tokens": p.tokens, **self.step_parts}
         p.history.append(record)
         if bar is not None:
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=meter.rate(p.tokens))
@@ -223,19 +225,27 @@ class Trainer:
         micro = self.plan.micro_batches(step)
         step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
         step_tokens = 0
+        parts: dict[str, torch.Tensor] = {}
         for j, chunk in enumerate(micro):
             batch = device_batch(self.data.train, chunk, self.pad_id, acc.device)
             step_tokens += int(batch["attention_mask"].sum())
             sync = j == len(micro) - 1
             ctx = acc.no_sync(self.wrapped) if (not sync and self.world > 1) else nullcontext()
             with ctx, acc.autocast():
-                loss = self.wrapped(**batch, use_cache=False).loss / len(micro)
+                if self.distiller is None:
+                    loss = self.wrapped(**batch, use_cache=False).loss / len(micro)
+                else:
+                    loss, terms = self.distiller.loss(self.wrapped, batch)
+                    loss = loss / len(micro)
+                    for k, v in terms.items():
+                        parts[k] = parts.get(k, 0.0) + v.double() / len(micro)
                 acc.backward(loss)
             step_loss += loss.detach().double()
         grad_norm = None
         if self.s.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(self.params, self.s.max_grad_norm)
         mean_loss = float(acc.reduce(step_loss, "mean"))
+        self.step_parts = {k: round(float(acc.reduce(v, "mean")), 6) for k, v in parts.items()}  # distillation terms
         return mean_loss, float(grad_norm) if grad_norm is not None else 0.0, step_tokens
 
     def check_finite(self, step: int, mean_loss: float, gnorm: float) -> None:

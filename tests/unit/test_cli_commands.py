@@ -4,7 +4,7 @@ from pathlib import Path
 
 from sparse_recover.cli import app
 
-COMMANDS = ["prune", "dsnot", "finetune", "merge", "audit", "eval", "report", "run"]
+COMMANDS = ["prune", "dsnot", "reconstruct", "finetune", "merge", "audit", "eval", "report", "run"]
 FILES = {"eval": "evaluate"}
 
 

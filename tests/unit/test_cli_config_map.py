@@ -15,6 +15,7 @@ from sparse_recover import cli, config
 COMMANDS = {
     "prune": (config.PruneConfig, cli.PRUNE_FIELDS),
     "dsnot": (config.DsnotConfig, cli.DSNOT_FIELDS),
+    "reconstruct": (config.ReconstructConfig, cli.RECONSTRUCT_FIELDS),
     "finetune": (config.FinetuneConfig, cli.FINETUNE_FIELDS),
     "merge": (config.MergeConfig, cli.MERGE_FIELDS),
     "audit": (config.AuditConfig, cli.AUDIT_FIELDS),
@@ -63,7 +64,7 @@ def test_every_command_takes_config_and_set(name):
     assert {"config", "set_"} <= names
 
 
-@pytest.mark.parametrize("module", ["prune", "dsnot", "finetune", "merge", "audit", "evaluate", "report", "run"])
+@pytest.mark.parametrize("module", ["prune", "dsnot", "reconstruct", "finetune", "merge", "audit", "evaluate", "report", "run"])
 def test_command_signature_shape(module):
     import importlib
 

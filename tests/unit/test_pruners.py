@@ -21,7 +21,7 @@ def _layer(out=32, inp=256, tokens=512, seed=0):
 
 
 def test_registry_lists_names():
-    assert set(METHODS) == {"magnitude", "wanda", "sparsegpt"}
+    assert set(METHODS) == {"magnitude", "wanda", "sparsegpt", "ria"}
     with pytest.raises(ConfigError, match="magnitude, wanda, sparsegpt"):
         get_method("obs")
 

@@ -217,8 +217,11 @@ class _RefCatcher(nn.Module):
 
 @torch.no_grad()
 def ref_layerwise(model, windows: torch.Tensor, method: str, *, sparsity_ratio=0.0, prune_n=0, prune_m=0,
-                  use_variant=False, blocksize=128) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """prune_wanda / prune_sparsegpt: (keep masks, statistic per linear) keyed by parameter name."""
+                  use_variant=False, blocksize=128, layer_sparsity=None, prune=True
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """prune_wanda / prune_sparsegpt: (keep masks, statistic per linear) keyed by parameter name.
+    layer_sparsity: OWL's per-layer ratios (prune_wanda_outlier / prune_sparsegpt_outlier); prune=False:
+    OWL's first pass, which only collects statistics and propagates the dense activations."""
     model.config.use_cache = False
     layers = model.model.layers
     nsamples, seqlen = windows.shape
@@ -256,17 +259,21 @@ def ref_layerwise(model, windows: torch.Tensor, method: str, *, sparsity_ratio=0
         for h in handles:
             h.remove()
 
+        ratio = sparsity_ratio if layer_sparsity is None else layer_sparsity[i]
         for name in subset:
             key = f"model.layers.{i}.{name}.weight"
+            if not prune:
+                stats[key] = wrapped[name].scaler_row.clone()
+                continue
             if method == "wanda":
                 stats[key] = wrapped[name].scaler_row.clone()
                 W_metric = torch.abs(subset[name].weight.data) * torch.sqrt(wrapped[name].scaler_row.reshape(1, -1))
-                W_mask = ref_wanda_prune_mask(W_metric, sparsity_ratio, prune_n, prune_m, use_variant)
+                W_mask = ref_wanda_prune_mask(W_metric, ratio, prune_n, prune_m, use_variant)
                 subset[name].weight.data[W_mask] = 0
                 keep[key] = ~W_mask
             else:
                 stats[key] = wrapped[name].H.clone()
-                wrapped[name].fasterprune(sparsity_ratio, prunen=prune_n, prunem=prune_m, blocksize=blocksize,
+                wrapped[name].fasterprune(ratio, prunen=prune_n, prunem=prune_m, blocksize=blocksize,
                                           percdamp=0.01)
                 keep[key] = subset[name].weight.data != 0  # the reference stores no mask: zeros are the mask
 
@@ -618,3 +625,84 @@ def test_prune_command_masks_equal_reference(tmp_path, tokenizer, documents, met
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "prune", dtype=torch.float32).state_dict()
     for key, value in ref_model.state_dict().items():
         torch.testing.assert_close(saved[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+# ==================================================================================================
+# 7. OWL (luuyin/OWL lib/prune_all.py: prune_wanda_outlier, prune_sparsegpt_outlier, prune_mag_outlier)
+
+
+def ref_owl_layer_ratios(model, windows, hyper_m: float, lamda: float, sparsity_ratio: float):
+    """The first pass: per layer, the Wanda metric of every linear on the dense activations, concatenated
+    (.cpu(), find_layers order), its outlier ratio (check_outlier_mean), then the numpy scaling."""
+    import numpy as np
+
+    _, stats = ref_layerwise(model, windows, "wanda", prune=False)
+    all_layer_ratio = []
+    for i, layer in enumerate(model.model.layers):
+        subset = ref_find_layers(layer)
+        layer_wmetric = []
+        for name in subset:
+            scaler_row = stats[f"model.layers.{i}.{name}.weight"]
+            layer_wmetric.append(torch.abs(subset[name].weight.data) * torch.sqrt(scaler_row.reshape((1, -1))))
+        W = torch.cat([torch.flatten(x.cpu()) for x in layer_wmetric])
+        max_shred = torch.mean(W) * hyper_m
+        all_layer_ratio.append(float((W > max_shred).sum().item()) / W.numel() * 100)
+    ratios = list(all_layer_ratio)
+    arr = np.array(all_layer_ratio)
+    arr = (arr - arr.min()) * (1 / (arr.max() - arr.min()) * lamda * 2)
+    arr = arr - np.mean(arr) + (1 - sparsity_ratio)
+    return ratios, [1 - arr[i] for i in range(len(arr))]
+
+
+def ref_mag_owl(model, layer_sparsity) -> dict[str, torch.Tensor]:
+    """prune_mag_outlier's second pass: one `<= sorted[int(numel * ratio)]` threshold per matrix."""
+    keep = {}
+    for i, layer in enumerate(model.model.layers):
+        subset = ref_find_layers(layer)
+        for name in subset:
+            W = subset[name].weight.data
+            W_metric = torch.abs(W)
+            thresh = torch.sort(W_metric.flatten())[0][int(W.numel() * layer_sparsity[i])]
+            W_mask = W_metric <= thresh
+            W[W_mask] = 0
+            keep[f"model.layers.{i}.{name}.weight"] = ~W_mask
+    return keep
+
+
+def _distinct_layers():
+    """The seeded tiny model with its second block's weights scaled so the two blocks' outlier ratios differ
+    clearly (with identical ratios the reference divides by zero)."""
+    model = build_model("llama")
+    with torch.no_grad():
+        for p in model.model.layers[1].parameters():
+            if p.dim() == 2:
+                p[:, ::7] *= 6.0
+    return model
+
+
+@pytest.mark.parametrize("method, sparsity, rule", [("wanda", 0.6, "exact"), ("sparsegpt", 0.5, "reference"),
+                                                    ("magnitude", 0.7, "reference")])
+def test_owl_ratios_and_masks_equal_reference(windows, method, sparsity, rule):
+    from sparse_recover.engine.prune import owl_profile, prune_model
+
+    hyper_m, lamda = 5.0, 0.08
+    ours_model, ref_model = _distinct_layers(), _distinct_layers()
+    ref_ratios, ref_layer_sparsity = ref_owl_layer_ratios(ref_model, windows, hyper_m, lamda, sparsity)
+    ratios, layer_sparsity = owl_profile(ours_model, windows, sparsity, hyper_m, lamda, device=CPU,
+                                         show_progress=False)
+    assert ratios == ref_ratios and layer_sparsity == ref_layer_sparsity  # bit for bit, float64
+    assert ratios[0] != ratios[1] and abs(sum(layer_sparsity) / len(layer_sparsity) - sparsity) < 1e-12
+    assert all(abs(s - sparsity) <= lamda + 1e-12 for s in layer_sparsity)
+    settings = PruneSettings(pattern=Unstructured(sparsity), rule=rule)
+    ours, _, _ = prune_model(ours_model, get_method(method), settings, windows, device=CPU, show_progress=False,
+                             block_sparsity=layer_sparsity)
+    if method == "magnitude":
+        ref = ref_mag_owl(ref_model, ref_layer_sparsity)
+    else:
+        ref, _ = ref_layerwise(ref_model, windows, method, layer_sparsity=ref_layer_sparsity, sparsity_ratio=sparsity)
+    assert_masks_equal(ours, ref)
+    if method == "wanda":  # every row of a block prunes int(cols * its ratio)
+        for key, keep in ours.items():
+            block = int(key.split(".")[2])
+            assert ((~keep).sum(1) == int(keep.shape[1] * layer_sparsity[block])).all(), key
+

@@ -160,3 +160,36 @@ def test_a_truncated_training_state_file_is_one_line_naming_it(tmp_path, name):
         load_checkpoint(ckpt, 0, adapters=adapters, optimizer=opt, scheduler=sched)
     message = str(err.value)
     assert str(damaged) in message and "\n" not in message
+
+
+def test_squarehead_with_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """SquareHead's block hooks under gradient checkpointing: nothing is recorded outside the loss's forward
+    (transformers 5 checkpoints `forward`, inside the hooks; older versions re-ran them in backward), and
+    the loss and the adapters' gradients equal those without checkpointing."""
+    from sparse_recover.train.distill import Distiller, DistillSettings
+
+    teacher = build_model("llama", seed=1)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 512, (2, 16), generator=g)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    grads, losses = [], []
+    for checkpointing in (False, True):
+        model = build_model("llama")
+        adapters = attach_adapters(model, ADAPTERS["lors"], {}, AdapterSettings(rank=4, scaling=2.0),
+                                   ["q_proj", "down_proj"])
+        for p in trainable_parameters(adapters):
+            with torch.no_grad():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.01)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        distiller = Distiller(teacher, model, DistillSettings("squarehead", 0.5, 2.0))
+        loss, parts = distiller.loss(model, batch)
+        loss.backward()
+        assert distiller.student_blocks.outputs == []  # taken by the loss; backward recorded nothing
+        distiller.close()
+        losses.append(float(loss.detach()))
+        grads.append([p.grad.clone() for p in trainable_parameters(adapters)])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
