@@ -10,7 +10,7 @@ RUN ?= runs/demo
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-TABLES := spp-2 spp-3 spp-4 dsnot-1 dsnot-5 lors-1
+TABLES := spp-2 spp-3 spp-4 dsnot-1 dsnot-5 lors-1 lors-4
 TABLE_RUNS ?= runs/tables
 
 .PHONY: setup test test-slow test-all demo bench clean $(addprefix table-,$(TABLES))

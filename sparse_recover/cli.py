@@ -30,6 +30,20 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _output(
+    verbose: bool = typer.Option(False, "--verbose", help="Also the libraries' progress bars and messages "
+                                 "(Hugging Face, lm-eval, git) and a header per pipeline stage."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the summary line(s) and errors; no progress bars."),
+):
+    # global options (`sparse-recover --quiet run ...`): the output policy of runtime.py, not a command setting
+    from sparse_recover.runtime import NORMAL, QUIET, VERBOSE, configure_output
+
+    if verbose and quiet:
+        raise SparseRecoverError("--verbose and --quiet exclude each other")
+    configure_output(VERBOSE if verbose else QUIET if quiet else NORMAL)
+
+
 # ------------------------------------------------------------------------------------------------
 # Options -> typed config. Every option names the config field it sets; its default is read from
 # that field (config.py is the only place defaults live). Precedence: defaults < --config FILE <
@@ -296,7 +310,7 @@ def finetune(
     distill: str = _default(_c.FinetuneConfig, "finetune.distill", "--distill", help="none | kl (KL on the logits) | squarehead (KL + per-block normalised hidden-state MSE)"),
     distill_alpha: float = _default(_c.FinetuneConfig, "finetune.distill_alpha", "--distill-alpha", help="Loss = (1 - alpha) CE + alpha KD, alpha in [0, 1]."),
     distill_temperature: float = _default(_c.FinetuneConfig, "finetune.distill_temperature", "--distill-temperature"),
-    teacher: str = _default(_c.FinetuneConfig, "finetune.teacher", "--teacher", help="dense (the base model in the manifest) | STAGE (prune, dsnot, merge) | PATH (folder, hub id, alias)"),
+    teacher: str = _default(_c.FinetuneConfig, "finetune.teacher", "--teacher", help="dense (the base model in the manifest) | STAGE (a checkpoint stage: prune, dsnot, reconstruct, merge) | PATH (folder, hub id, alias)"),
     teacher_device: str = _default(_c.FinetuneConfig, "finetune.teacher_device", "--teacher-device", help="same (the training device) | cpu | cuda | cuda:N"),
     resume: bool = _default(_c.FinetuneConfig, "resume", "--resume"),
     device: str = _default(_c.FinetuneConfig, "model.device", "--device", help="auto | cpu | cuda"),
@@ -464,9 +478,19 @@ def main(argv: list[str] | None = None) -> None:
     Ctrl-C anywhere ends with exit 130 and one line; an unexpected error keeps its own traceback.
     typer 0.29's vendored click has neither `Abort` nor `Exit` in its exceptions module: typer exports both.
     """
+    from sparse_recover.runtime import finish_output
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if "--help" in args:  # help is printed in full, --quiet or not (nothing runs)
+        args = [a for a in args if a not in ("-q", "--quiet")]
+    ok = False
     try:
-        code = app(args=argv, standalone_mode=False)
+        try:
+            code = app(args=args, standalone_mode=False)
+            ok = not code
+        finally:
+            finish_output(ok)  # --quiet: standard output back, the summary line if none was marked
     except SparseRecoverError as exc:
         print(f"sparse-recover: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

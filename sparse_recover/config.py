@@ -148,7 +148,8 @@ class FinetuneSection(Section):
     distill_temperature: float = Field(1.0, gt=0, allow_inf_nan=False,
                                        description="softmax temperature T of the KL term (scaled by T^2)")
     teacher: str = Field("dense", min_length=1, description="dense (the base model in the manifest) | a checkpoint "
-                         "stage of the run (prune, dsnot, merge) | a model folder, hub id or built-in alias")
+                         "stage of the run (prune, dsnot, reconstruct, merge) | a model folder, hub id or "
+                         "built-in alias")
     teacher_device: str = Field("same", description="same (the training device) | cpu | cuda | cuda:N")
 
     @field_validator("teacher_device")

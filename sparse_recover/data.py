@@ -275,6 +275,11 @@ def tensor_sha256(t) -> str:
 
 ALPACA_HUB = {"alpaca": "tatsu-lab/stanford_alpaca", "alpaca-gpt4": "vicgalle/alpaca-gpt4"}
 SLIMPAJAMA_HUB = "DKYoon/SlimPajama-6B"
+FINETUNE_HUB_SOURCES = (*ALPACA_HUB, "slimpajama")
+# every hub source name -> what `datasets.load_dataset` is asked for: (path, config name, data_files)
+HUB_DATASETS = {"c4": (C4_REPO, None, {"train": C4_FILE}), "wikitext2": ("wikitext", "wikitext-2-raw-v1", None),
+                **{name: (repo, None, None) for name, repo in ALPACA_HUB.items()},
+                "slimpajama": (SLIMPAJAMA_HUB, None, None)}
 ALPACA_FIELDS = ("instruction", "input", "output")
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

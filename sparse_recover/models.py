@@ -250,7 +250,8 @@ def load_config(source: ModelSource):
         return AutoConfig.from_pretrained(source.path)
     except (OSError, ValueError) as exc:
         hint = " (no network? use a local folder or a built-in alias)" if source.kind == "hub" else ""
-        raise ModelSourceError(f"could not load model config for {source.spec}: {_first_line(exc)}{hint}") from None
+        error = ModelSourceError if source.kind == "hub" else _folder_error(source.path)  # a run's stage: exit 5
+        raise error(f"could not load model config for {source.spec}: {_first_line(exc)}{hint}") from None
 
 
 def load_model(source: ModelSource | str, dtype: Any, device: Any = None):

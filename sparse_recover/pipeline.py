@@ -3,12 +3,13 @@ from one YAML, through the stage commands' own `run` functions (prune, dsnot, fi
 eval), in that order.
 
 Before anything runs, the config is validated whole, the model is checked to be reachable, the eval
-tasks are checked, and every completed stage in the run directory is compared with what the config
-asks for. A completed stage with the same config is skipped (so re-running a run that crashed
-continues where it stopped; a finetune stage with a checkpoint but not complete is resumed); one with
-a different config, or computed from an earlier version of its input stage, is refused unless
-`--force`, rather than silently mixed. A stage that is (re)computed makes every later stage of the
-selection recompute too.
+tasks, every data source (a hub dataset offline must be cached) and the calibration and perplexity window
+lengths (at most the model's max_position_embeddings) are checked, and every completed stage in the run
+directory is compared with what the config asks for. A completed stage with the same config is skipped
+(so re-running a run that crashed continues where it stopped; a finetune stage with a checkpoint but not
+complete is resumed); one with a different config, or computed from an earlier version of its input stage,
+is refused unless `--force`, rather than silently mixed. A stage that is (re)computed makes every later
+stage of the selection recompute too.
 
 The manifest gains a `pipeline` section: the resolved config, and per stage the identity of the
 input it was computed from (so a stale stage is recognised) and the wall time of the step.
@@ -145,6 +146,7 @@ class Pipeline:
 
                 check_tasks(harness, data_dir=cfg.eval.data_dir, num_fewshot=cfg.eval.num_fewshot,
                             extra_names=("ppl",))
+        self.check_data(selected, needs_model)
         # a stage outside the selection that a selected stage reads must be there already
         for stage in selected:
             for needed in inputs_of(cfg, stage):
@@ -177,6 +179,37 @@ class Pipeline:
                 raise RunDirError(self._mismatch_line(stage, state, manifest))
             changed = changed or actions[stage] != "skip"
         return actions
+
+    def check_data(self, selected: list[str], model_loaded: bool) -> None:
+        """Every data source the selected stages read (calibration, fine-tuning data, perplexity data), and the
+        calibration and perplexity window lengths against the model's context, before the first stage runs."""
+        from sparse_recover.engine.evaluate import resolve_ppl_source
+        from sparse_recover.engine.stageio import (FINETUNE_DATA, check_calibration, check_data_source, check_seqlen,
+                                                   resolve_calib_source)
+        from sparse_recover.models import ModelSource, load_config
+        from sparse_recover.pruning import get_method
+
+        cfg, kind = self.cfg, self.source.kind
+        calibrates = "prune" in selected and (cfg.prune.profile != "uniform"
+                                              or get_method(cfg.prune.method).statistic is not None)
+        if calibrates or any(s in selected for s in ("dsnot", "reconstruct")):
+            check_calibration(self.rd, cfg.calib.model_copy(
+                update={"source": resolve_calib_source(cfg.calib.source, kind)}))
+        if "finetune" in selected:
+            check_data_source(cfg.finetune.data, FINETUNE_DATA)
+        ppl = "eval" in selected and "ppl" in cfg.eval.tasks
+        if ppl:
+            check_data_source(resolve_ppl_source(cfg.eval.ppl_data, kind), "perplexity data")
+        source = self.source if model_loaded else None  # pruning keeps the architecture: the base model's context
+        if source is None and self.rd.is_complete("prune"):
+            prune_dir = str(self.rd.stage_dir("prune"))
+            source = ModelSource(spec=prune_dir, kind="local", path=prune_dir)
+        if source is not None and (calibrates or ppl):
+            hf_config = load_config(source)
+            if calibrates:
+                check_seqlen(cfg.calib.seqlen, hf_config, "calibration seqlen", source.spec)
+            if ppl:
+                check_seqlen(cfg.eval.seqlen, hf_config, "perplexity seqlen", source.spec)
 
     def state(self, stage: str, manifest: dict[str, Any]) -> str:
         """missing | partial | same | a description of how the completed stage differs."""
@@ -211,26 +244,30 @@ class Pipeline:
     # steps
 
     def execute(self, selected: list[str], actions: dict[str, str]) -> dict[str, Any]:
+        from sparse_recover.runtime import VERBOSE, format_seconds, pipeline_stage, summary, verbosity
+
         rd = self.rd
         results: dict[str, Any] = {}
         t_all = time.perf_counter()
         for stage in selected:
             action = actions[stage]
-            self.echo(f"== {stage}: {action}" + (" (already complete with the same config)" if action == "skip" else ""))
+            if action != "run" or verbosity() >= VERBOSE:  # a stage that runs says so in its own result line
+                self.echo(f"== {stage}: {action}"
+                          + (" (already complete with the same config)" if action == "skip" else ""))
             if action == "skip":
                 continue
             t0 = time.perf_counter()
-            results[stage] = getattr(self, f"_{stage}")(force=action == "redo", resume=action == "resume")
+            with pipeline_stage():
+                results[stage] = getattr(self, f"_{stage}")(force=action == "redo", resume=action == "resume")
             self.timings[stage] = round(time.perf_counter() - t0, 3)
             if stage not in ("audit", "eval"):
                 self.redo.add(stage)
                 self._record_inputs(stage)
         self._record_run(selected)
         total = time.perf_counter() - t_all
-        from sparse_recover.runtime import format_seconds
-
         parts = [f"{s} {format_seconds(t)}" for s, t in self.timings.items()]
-        self.echo(f"run: {', '.join(parts) or 'nothing to do'}; total {format_seconds(total)} -> {rd.path}")
+        (summary if self.echo is print else self.echo)(
+            f"run: {', '.join(parts) or 'nothing to do'}; total {format_seconds(total)} -> {rd.path}")
         return results
 
     def _prune(self, force: bool, resume: bool) -> Any:

@@ -309,3 +309,16 @@ def run_pipeline(cfg, run_dir, *, from_stage: str | None = None, until_stage: st
 
     rc = RunConfig(pipeline=cfg, from_stage=from_stage, until=until_stage, dry_run=dry_run)
     return run.run(rc, None if run_dir is None else RunDir(run_dir), force=force)
+
+
+def accelerate_finetune(args, run_dir, cwd, processes: int = 2):
+    """`accelerate launch` of the finetune command on `processes` CPU processes (gloo); returns the result."""
+    import os as _os
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**_os.environ, "OMP_NUM_THREADS": "1", "SPARSE_RECOVER_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes),
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                           "sparse_recover", "finetune", *map(str, args), "--run-dir", str(run_dir)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)

@@ -40,3 +40,22 @@ def audit_stage(rd: RunDir, stage: str) -> dict[str, Any]:
                          pruned_layers=[k for k, v in layers.items() if "shape" in v],
                          layer_targets={k: float(v["target"]) for k, v in layers.items() if "target" in v})
     return audit_checkpoint(rd.stage_dir(stage), expect, row_reference=reference)
+
+
+def stage_line(stage: str, r: dict[str, Any]) -> str:
+    """The one-line audit result of a stage."""
+    status = "ok" if r["ok"] else f"{len(r['violations'])} violation(s)"
+    return (f"audit {stage}: {r.get('linears', 0)} linears, overall sparsity {r.get('overall_sparsity', 0):.4%}, "
+            f"{r.get('pruned_nonzero', 0)} pruned weights non-zero: {status}")
+
+
+def log_report(rd: RunDir, results: dict[str, dict[str, Any]]) -> None:
+    """RUN/logs/audit.log: one block per audit, each stage's line and every violation."""
+    from sparse_recover.engine.stageio import write_log
+
+    lines = []
+    for stage, r in results.items():
+        lines.append("  " + stage_line(stage, r))
+        lines += [f"    violation: {v}" for v in r["violations"]]
+    ok = all(r["ok"] for r in results.values())
+    write_log(rd, "audit", f"audit {', '.join(results)}: {'ok' if ok else 'FAILED'}", lines)

@@ -64,21 +64,22 @@ class DsnotRequest:
 
 
 def prepare(cfg: DsnotConfig, rd: RunDir) -> DsnotRequest:
+    from sparse_recover.engine.stageio import check_calibration, prune_calib
+
     rd.require("prune")
     prune = rd.record("prune")
+    check_calibration(rd, prune_calib(rd))
     init = resolve_init(cfg.dsnot.init, prune.method)
     return DsnotRequest(cfg, init, prune.method, prune.parsed_pattern())
 
 
 def dsnot_stage(req: DsnotRequest, rd: RunDir) -> dict[str, Any]:
     """Compute and commit RUN/dsnot; returns the manifest record."""
-    import sys
-
     from sparse_recover.data import tensor_sha256
     from sparse_recover.engine.stageio import commit_checkpoint, dense_calibration, inputs_identity, layer_totals
     from sparse_recover.models import load_model
     from sparse_recover.refine.dsnot import DSnoTSettings
-    from sparse_recover.runtime import format_seconds, metered, versions
+    from sparse_recover.runtime import format_seconds, metered, summary, versions
     from sparse_recover.sparsity.audit import CheckpointTensors
     from sparse_recover.sparsity.io import MASKS_FILE, load_masks
     from sparse_recover.sparsity.patterns import NM
@@ -129,9 +130,9 @@ def dsnot_stage(req: DsnotRequest, rd: RunDir) -> dict[str, Any]:
     commit_checkpoint(rd, "dsnot", entry, model, tokenizer, masks, transposed, pattern,
                       windows=windows if new_windows else None, calib_meta=calib_meta,
                       log_header=f"dsnot {pattern.describe()} init={init} targets={d.targets} sign_check={d.sign_check}")
-    print(f"dsnot: {swaps} swaps over {len(refined)} refined linears ({d.targets}, init {init}), mean |error| "
-          f"{err_before:.4g} -> {err_after:.4g}, {overall:.2%} sparse, in {format_seconds(timing['wall_time_s'])} "
-          f"-> {rd.path / 'dsnot'}", file=sys.stdout)
+    summary(f"dsnot: {swaps} swaps over {len(refined)} refined linears ({d.targets}, init {init}), mean |error| "
+            f"{err_before:.4g} -> {err_after:.4g}, {overall:.2%} sparse, in {format_seconds(timing['wall_time_s'])} "
+            f"-> {rd.path / 'dsnot'}")
     return rd.stage_entry("dsnot")
 
 

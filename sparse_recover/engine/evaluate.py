@@ -9,6 +9,7 @@ checkpoint is not measured again unless --force.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +39,9 @@ class EvalRequest:
 
 
 def prepare(cfg: EvalCommandConfig, rd: RunDir) -> EvalRequest:
-    from sparse_recover.engine.stageio import check_data_source, dense_source
+    from sparse_recover.engine.stageio import check_data_source, check_seqlen, dense_source
     from sparse_recover.evaluate.harness import check_tasks
-    from sparse_recover.models import ModelSource
+    from sparse_recover.models import ModelSource, load_config
 
     ev, stage = cfg.eval, cfg.stage
     harness_tasks = [t for t in ev.tasks if t not in TASKS]
@@ -60,6 +61,8 @@ def prepare(cfg: EvalCommandConfig, rd: RunDir) -> EvalRequest:
     if "ppl" in ev.tasks:
         ppl_source = resolve_ppl_source(ev.ppl_data, manifest.model.kind if manifest.model else "hub")
         check_data_source(ppl_source, what="perplexity data")
+        check_seqlen(ev.seqlen, load_config(source), "perplexity seqlen",
+                     source.spec if stage == "dense" else f"{source.spec}/config.json")
         keys["ppl"] = EvalKey.ppl(ppl_source, ev.seqlen, ev.limit)
     if harness_tasks:
         keys["lm-eval"] = EvalKey.lm_eval(harness_tasks, ev.limit, ev.num_fewshot, bool(ev.data_dir))
@@ -75,7 +78,7 @@ def measured(rd: RunDir, req: EvalRequest) -> dict[str, Any]:
 
 def eval_stage(req: EvalRequest, rd: RunDir, *, force: bool) -> dict[str, Any]:
     from sparse_recover.models import load_model, load_tokenizer, resolve_device, resolve_dtype
-    from sparse_recover.runtime import format_seconds, metered, versions
+    from sparse_recover.runtime import VERBOSE, format_seconds, metered, summary, verbosity, versions
 
     ev, stage = req.cfg.eval, req.stage
     done = {} if force else measured(rd, req)
@@ -96,31 +99,31 @@ def eval_stage(req: EvalRequest, rd: RunDir, *, force: bool) -> dict[str, Any]:
 
         with metered() as meter:
             res = run_lm_eval(model, tokenizer, req.harness_tasks, limit=ev.limit, batch_size=ev.batch_size, device=dev,
-                              num_fewshot=ev.num_fewshot, data_dir=ev.data_dir, quiet=True)
+                              num_fewshot=ev.num_fewshot, data_dir=ev.data_dir, quiet=verbosity() < VERBOSE)
             timing = meter.stop()
         res.update({"task": "lm-eval", "measured": now(), "versions": versions(), **timing})
         results[todo["lm-eval"]] = res
         parts = [f"{g} {v['acc']:.4f}" for g, v in res.get("groups", {}).items() if v.get("acc") is not None]
         parts += [f"{t} {v['acc']:.4f}" for t, v in res.get("tasks", {}).items()
                   if v.get("acc") is not None and not v.get("group")]
-        print(f"eval {stage}: {', '.join(parts) or 'done'} (acc) in {format_seconds(timing['wall_time_s'])}")
+        summary(f"eval {stage}: {', '.join(parts) or 'done'} (acc) in {format_seconds(timing['wall_time_s'])}")
     for result in results.values():
         result["checkpoint"] = req.checkpoint
     save_results(rd, stage, results)
+    log_results(rd, stage, results)
     return {**done, **results}
 
 
 def _perplexity(model, tokenizer, stage, ppl_source, seqlen, limit, batch_size, dev) -> dict[str, Any]:
     from sparse_recover.data import evaluation_text
     from sparse_recover.evaluate.ppl import perplexity, tokenize_text
-    from sparse_recover.runtime import format_seconds, metered, progress, versions
+    from sparse_recover.runtime import format_seconds, metered, progress, summary, versions
 
     name, text = evaluation_text(ppl_source)
     ids = tokenize_text(tokenizer, text)
     n_windows = ids.numel() // seqlen if limit is None else min(limit, ids.numel() // seqlen)
     with metered() as meter:
-        bar = progress(n_windows, f"ppl {stage} {ppl_source}")
-        bar.unit = "window"
+        bar = progress(n_windows, f"ppl {stage} {ppl_source}", unit="window")
         try:
             result = perplexity(model, ids, seqlen, dev, batch_size=1 if batch_size == "auto" else int(batch_size),
                                 max_windows=limit, progress=bar.update)
@@ -129,9 +132,29 @@ def _perplexity(model, tokenizer, stage, ppl_source, seqlen, limit, batch_size, 
         timing = meter.stop()
     result.update({"data": name, "task": "ppl", "measured": now(), "device": str(dev), "versions": versions(),
                    **timing})
-    print(f"eval {stage}: perplexity {result['ppl']:.4f} on {ppl_source} ({result['windows']} windows x {seqlen} tokens) "
-          f"in {format_seconds(timing['wall_time_s'])}")
+    summary(f"eval {stage}: perplexity {result['ppl']:.4f} on {ppl_source} ({result['windows']} windows x {seqlen} "
+            f"tokens) in {format_seconds(timing['wall_time_s'])}")
     return result
+
+
+def log_results(rd: RunDir, stage: str, results: dict[str, Any]) -> None:
+    """RUN/logs/eval.log: one block per measurement (stage and key, result, checkpoint, time)."""
+    from sparse_recover.engine.stageio import write_log
+    from sparse_recover.runtime import format_seconds
+
+    for key, res in results.items():
+        if res.get("task") == "ppl":
+            lines = [f"  perplexity {res['ppl']:.6f} (mean loss {res['mean_loss']:.6f}) on {res['data']}: "
+                     f"{res['windows']} windows x {res['seqlen']} tokens"]
+        else:
+            lines = [f"  {name}: acc {v['acc']:.6f}" + (f" +- {v['acc_stderr']:.6f}" if v.get("acc_stderr") is not None
+                                                        else "") for name, v in res.get("groups", {}).items()
+                     if v.get("acc") is not None]
+            lines += [f"  {name}: {json.dumps(v.get('metrics', {}), default=str)} n={v.get('n_samples')}"
+                      for name, v in res.get("tasks", {}).items()]
+        lines += [f"  checkpoint {res.get('checkpoint')}",
+                  f"  wall time {format_seconds(res.get('wall_time_s', 0))}, peak memory {res.get('peak_memory')}"]
+        write_log(rd, "eval", f"eval {stage} {key}", lines, res.get("measured"))
 
 
 def save_results(rd: RunDir, stage: str, results: dict[str, Any]) -> None:

@@ -93,7 +93,7 @@ def make_accelerator(device: str, mixed_precision: str):
 
 def teacher_source(rd: RunDir, teacher: str):
     """The distillation teacher's ModelSource: `dense` (the base model the manifest names), a checkpoint
-    stage of this run (prune, dsnot, merge), or a model folder, hub id or built-in alias."""
+    stage of this run (stages.CHECKPOINT_STAGES), or a model folder, hub id or built-in alias."""
     from sparse_recover.engine.stageio import dense_source
     from sparse_recover.errors import ModelSourceError
     from sparse_recover.models import ModelSource, resolve_model_source
@@ -175,9 +175,16 @@ def prepare(cfg: FinetuneConfig, rd: RunDir) -> FinetuneRequest:
     from sparse_recover.adapters import get_adapter
     from sparse_recover.train import latest_checkpoint
 
+    from sparse_recover.engine.stageio import FINETUNE_DATA, check_data_source, check_seqlen
+    from sparse_recover.models import ModelSource, load_config
+
     section = cfg.finetune
     get_adapter(section.method)
+    check_data_source(section.data, FINETUNE_DATA)
     stage = source_stage(rd, section.from_stage)
+    folder = str(rd.stage_dir(stage))
+    check_seqlen(section.seqlen, load_config(ModelSource(spec=folder, kind="local", path=folder)),
+                 "fine-tuning seqlen", folder)
     resolved = section.resolved()
     work_dir = rd.path / WORK_DIR
     if cfg.resume:

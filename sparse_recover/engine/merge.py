@@ -59,7 +59,7 @@ def merge_stage(req: MergeRequest, rd: RunDir) -> dict[str, Any]:
     from sparse_recover.engine.stageio import commit_checkpoint, inputs_identity, load_sparse_stage
     from sparse_recover.evaluate.ppl import perplexity, tokenize_text
     from sparse_recover.models import resolve_device, resolve_dtype
-    from sparse_recover.runtime import format_seconds, metered, versions
+    from sparse_recover.runtime import format_seconds, metered, summary, versions
     from sparse_recover.safeio import load_safetensors
 
     cfg, stage, ft = req.adapter_config, req.source_stage, rd.stage_dir("finetune")
@@ -115,6 +115,6 @@ def merge_stage(req: MergeRequest, rd: RunDir) -> dict[str, Any]:
                 "the LoRA-then-remask baseline's cost")
     else:
         note = f"held-out ppl {before['ppl']:.4f} unmerged = {after['ppl']:.4f} merged"
-    print(f"merge: {stats['merged_linears']} {cfg['method']} adapters into {stage}; max |dW| at pruned positions "
-          f"{stats['max_pruned_abs_delta']:g}; {note}; {format_seconds(timing['wall_time_s'])} -> {rd.path / 'merge'}")
+    summary(f"merge: {stats['merged_linears']} {cfg['method']} adapters into {stage}; max |dW| at pruned positions "
+            f"{stats['max_pruned_abs_delta']:g}; {note}; {format_seconds(timing['wall_time_s'])} -> {rd.path / 'merge'}")
     return rd.stage_entry("merge")

@@ -34,7 +34,7 @@ class PruneRequest:
 def prepare(cfg: PruneConfig, rd: RunDir) -> PruneRequest:
     """Validate everything that can be validated without computing: run directory, model, pattern
     against the layer widths, calibration source. Nothing is written."""
-    from sparse_recover.engine.stageio import check_data_source, check_divisible, resolve_calib_source
+    from sparse_recover.engine.stageio import check_calibration, check_divisible, check_seqlen, resolve_calib_source
     from sparse_recover.models import load_config, resolve_device, resolve_dtype, resolve_model_source
     from sparse_recover.pruning import get_method
     from sparse_recover.sparsity.patterns import NM
@@ -54,7 +54,8 @@ def prepare(cfg: PruneConfig, rd: RunDir) -> PruneRequest:
         check_divisible(hf_config, pattern.m)
     calib = cfg.calib.model_copy(update={"source": resolve_calib_source(cfg.calib.source, source.kind)})
     if method.statistic is not None or cfg.prune.profile != "uniform":
-        check_data_source(calib.source)
+        check_seqlen(calib.seqlen, hf_config, "calibration seqlen", source.spec)
+        check_calibration(rd, calib)
     return PruneRequest(cfg, source, hf_config, pattern, method, device, dtype, calib)
 
 
@@ -65,7 +66,7 @@ def prune_stage(req: PruneRequest, rd: RunDir) -> dict[str, Any]:
                                                tokenizer_identity)
     from sparse_recover.models import load_model, load_tokenizer
     from sparse_recover.pruning import PruneSettings
-    from sparse_recover.runtime import format_seconds, metered, versions
+    from sparse_recover.runtime import format_seconds, metered, summary, versions
 
     cfg, method, pattern, calib = req.cfg, req.method, req.pattern, req.calib
     entry_model = model_entry(req.source, req.hf_config)
@@ -114,7 +115,7 @@ def prune_stage(req: PruneRequest, rd: RunDir) -> dict[str, Any]:
                       windows=windows if new_windows else None, calib_meta=calib_meta,
                       log_header=f"prune {method.name} {pattern.describe()} on {req.source.spec}",
                       model_entry=entry_model)
-    print(f"prune: {method.name} {pattern.describe()} on {req.source.spec}: {overall:.2%} sparse over {len(masks)} "
+    summary(f"prune: {method.name} {pattern.describe()} on {req.source.spec}: {overall:.2%} sparse over {len(masks)} "
           f"linears in {format_seconds(timing['wall_time_s'])}, peak host memory "
           f"{timing['peak_memory']['host_rss_mib']:.0f} MiB -> {rd.path / 'prune'}")
     return rd.stage_entry("prune")
@@ -197,7 +198,8 @@ def prune_model(model, method, settings, windows, *, device, offload: bool = Fal
                     layers[key]["target"] = block_sparsity[index]
 
     blocks_name, blocks = decoder_blocks(model)
-    bar = progress(len(blocks), f"prune {method.name} {settings.pattern.name}") if show_progress else None
+    bar = (progress(len(blocks), f"prune {method.name} {settings.pattern.name}", unit="block")
+           if show_progress else None)
     tick = (lambda i: bar.update(1)) if bar is not None else None
     try:
         if method.statistic is None:  # data-free: no calibration pass at all

@@ -34,6 +34,7 @@ class ReconstructRequest:
 
 
 def prepare(cfg: ReconstructConfig, rd: RunDir) -> ReconstructRequest:
+    from sparse_recover.engine.stageio import check_calibration, prune_calib
     from sparse_recover.stages import STAGES
 
     rd.require_run()
@@ -41,16 +42,15 @@ def prepare(cfg: ReconstructConfig, rd: RunDir) -> ReconstructRequest:
     if wanted == "auto":
         wanted = next((s for s in STAGES["reconstruct"].inputs if rd.is_complete(s)), "prune")
     rd.require(wanted)
+    check_calibration(rd, prune_calib(rd))
     return ReconstructRequest(cfg, wanted)
 
 
 def reconstruct_stage(req: ReconstructRequest, rd: RunDir) -> dict[str, Any]:
-    import sys
-
     from sparse_recover.data import tensor_sha256
     from sparse_recover.engine.stageio import commit_checkpoint, dense_calibration, inputs_identity, layer_totals
     from sparse_recover.models import load_model
-    from sparse_recover.runtime import format_seconds, metered, versions
+    from sparse_recover.runtime import format_seconds, metered, summary, versions
     from sparse_recover.sparsity.io import MASKS_FILE, load_masks
 
     r, runtime, stage = req.cfg.reconstruct, req.cfg.model, req.source_stage
@@ -94,9 +94,8 @@ def reconstruct_stage(req: ReconstructRequest, rd: RunDir) -> dict[str, Any]:
     commit_checkpoint(rd, "reconstruct", entry, model, tokenizer, masks, transposed, src.parsed_pattern(),
                       windows=windows if new_windows else None, calib_meta=calib_meta,
                       log_header=f"reconstruct {stage} masks with SparseGPT (blocksize {r.blocksize})")
-    print(f"reconstruct: {len(layers)} linears of {stage} re-solved with their masks fixed, OBS error {obs:.4g}, "
-          f"{overall:.2%} sparse, in {format_seconds(timing['wall_time_s'])} -> {rd.path / 'reconstruct'}",
-          file=sys.stdout)
+    summary(f"reconstruct: {len(layers)} linears of {stage} re-solved with their masks fixed, OBS error {obs:.4g}, "
+            f"{overall:.2%} sparse, in {format_seconds(timing['wall_time_s'])} -> {rd.path / 'reconstruct'}")
     return rd.stage_entry("reconstruct")
 
 

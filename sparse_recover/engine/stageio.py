@@ -11,6 +11,12 @@ from sparse_recover.errors import ConfigError, DataError, RunDirError
 from sparse_recover.rundir import RunDir, now
 
 WINDOWS_FILE = "windows.safetensors"
+WINDOW_KEYS = ("source", "nsamples", "seqlen", "seed")  # with the tokenizer: what identifies stored windows
+FINETUNE_DATA = "fine-tuning data"
+OFFLINE_ALTERNATIVE = {"calibration": "wiki-en (built in) or a local .txt/.json/.jsonl file",
+                       "perplexity data": "wiki-en (built in) or a local .txt/.json/.jsonl file",
+                       FINETUNE_DATA: "wiki-en (built in) or a local .json/.jsonl (instruction or text rows) or .txt "
+                                      "file"}
 
 
 def model_entry(source, config) -> dict[str, Any]:
@@ -31,19 +37,98 @@ def resolve_calib_source(source: str, model_kind: str) -> str:
 
 
 def check_data_source(source: str, what: str = "calibration") -> None:
-    """A local data file that does not exist, or an unknown source name, fails before any work."""
+    """A local data file that does not exist, an unknown source name, or a hub dataset that cannot be reached
+    offline fails before any work. `what`: calibration | perplexity data | fine-tuning data (FINETUNE_DATA)."""
     import os
 
-    from sparse_recover.data import BUILTIN_SOURCES, HUB_SOURCES, is_local_path, known_sources
+    from sparse_recover.data import BUILTIN_SOURCES, FINETUNE_HUB_SOURCES, HUB_SOURCES, is_local_path, known_sources
 
     key = source.strip().lower()
-    if key in BUILTIN_SOURCES or key in HUB_SOURCES or key == "auto":
+    hub = FINETUNE_HUB_SOURCES if what == FINETUNE_DATA else HUB_SOURCES
+    if key in BUILTIN_SOURCES or key == "auto":
+        return
+    if key in hub:
+        check_hub_dataset(key, what)
         return
     if is_local_path(source):
         if not os.path.isfile(os.path.expanduser(source)):
             raise DataError(f"{what} file not found: {source}")
         return
+    if what == FINETUNE_DATA:
+        raise DataError(f"unknown {what} {source!r}: use {', '.join(BUILTIN_SOURCES + hub)} or a local "
+                        ".json/.jsonl/.txt file")
     raise DataError(f"unknown data source {source!r}: use {known_sources()}")
+
+
+def hub_offline() -> str | None:
+    """The environment variable that keeps the Hugging Face hub offline, if one is set."""
+    import os
+
+    return next((v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                 if os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")), None)
+
+
+def check_hub_dataset(key: str, what: str) -> None:
+    """Offline, a hub dataset must be in the local datasets cache: `datasets.load_dataset_builder` answers
+    from the cache at once when offline (no retries), exactly as the loader in data.py would resolve it."""
+    import logging
+
+    from sparse_recover.data import HUB_DATASETS
+
+    flag = hub_offline()
+    if flag is None:
+        return
+    path, name, files = HUB_DATASETS[key]
+    logger = logging.getLogger("datasets")  # a cache hit logs "Using the latest cached version ..."
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from datasets import load_dataset_builder
+
+        load_dataset_builder(path, name, data_files=files)
+    except Exception:  # noqa: BLE001 - datasets raises ConnectionError, FileNotFoundError, ValueError...
+        raise DataError(f"{what} {key} is the hub dataset {path}, which cannot be reached: {flag}=1 is set and it is "
+                        f"not in the local datasets cache; offline, use {OFFLINE_ALTERNATIVE[what]}") from None
+    finally:
+        logger.setLevel(level)
+
+
+def stored_windows(rd: RunDir, calib) -> bool:
+    """RUN/calib holds windows drawn with these calibration settings (the tokenizer is checked on use)."""
+    from sparse_recover.safeio import safetensors_metadata
+
+    path = rd.path / "calib" / WINDOWS_FILE
+    if not path.is_file():
+        return False
+    meta = safetensors_metadata(path, error=RunDirError, what="calibration windows")
+    return all(meta.get(k) == str(getattr(calib, k)) for k in WINDOW_KEYS)
+
+
+def check_calibration(rd: RunDir, calib) -> None:
+    """The calibration source a stage will draw windows from (none when RUN/calib already holds them)."""
+    if not stored_windows(rd, calib):
+        check_data_source(calib.source)
+
+
+def prune_calib(rd: RunDir, **update: Any):
+    """The prune stage's calibration settings (dsnot and reconstruct reuse them and its windows)."""
+    from sparse_recover.config import CalibSection
+
+    return CalibSection(**{**rd.record("prune").config.get("calib", {}), **update})
+
+
+def context_length(hf_config) -> int | None:
+    """max_position_embeddings of a model config (GPT-2's n_positions through its attribute map)."""
+    n = getattr(getattr(hf_config, "text_config", None) or hf_config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_seqlen(seqlen: int, hf_config, what: str, model: str) -> None:
+    """A window longer than the model's context is refused (its positions past the end mean nothing)."""
+    n = context_length(hf_config)
+    if n is not None and seqlen > n:
+        raise ConfigError(f"{what} {seqlen} is longer than the context of {model} (max_position_embeddings {n}): "
+                          f"use a {what} of at most {n}")
 
 
 def check_divisible(hf_config, m: int) -> None:
@@ -79,8 +164,7 @@ def load_or_sample_windows(rd: RunDir, calib, tokenizer, tokenizer_id: str):
     from sparse_recover.data import calibration_corpus, sample_windows
     from sparse_recover.safeio import safetensors_metadata, load_safetensors
 
-    wanted = {"source": calib.source, "nsamples": str(calib.nsamples), "seqlen": str(calib.seqlen),
-              "seed": str(calib.seed), "tokenizer": tokenizer_id}
+    wanted = {**{k: str(getattr(calib, k)) for k in WINDOW_KEYS}, "tokenizer": tokenizer_id}
     path = rd.path / "calib" / WINDOWS_FILE
     if path.is_file():
         meta = safetensors_metadata(path, error=RunDirError, what="calibration windows")
@@ -171,7 +255,7 @@ def layerwise_with_progress(model, windows, process, label: str, *, show_progres
     from sparse_recover.runtime import progress
 
     _, blocks = decoder_blocks(model)
-    bar = progress(len(blocks), label) if show_progress else None
+    bar = progress(len(blocks), label, unit="block") if show_progress else None
     try:
         layerwise(model, windows, process, progress=(lambda i: bar.update(1)) if bar else None, **kwargs)
     finally:
@@ -182,13 +266,12 @@ def layerwise_with_progress(model, windows, process, label: str, *, show_progres
 def dense_calibration(rd: RunDir, runtime, batch_size: int, needs: str):
     """What a pass over the dense base model needs: (source, device, dtype, tokenizer, calib settings,
     windows, windows metadata, drawn now) with the prune stage's calibration settings."""
-    from sparse_recover.config import CalibSection
     from sparse_recover.models import load_tokenizer, resolve_device, resolve_dtype
 
     source = dense_source(rd, needs)
     dev = resolve_device(runtime.device)
     dt = resolve_dtype(runtime.dtype, dev)
     tokenizer = load_tokenizer(source.path)
-    calib = CalibSection(**{**rd.record("prune").config.get("calib", {}), "batch_size": batch_size})
+    calib = prune_calib(rd, batch_size=batch_size)
     windows, calib_meta, new_windows = load_or_sample_windows(rd, calib, tokenizer, tokenizer_identity(tokenizer))
     return source, dev, dt, tokenizer, calib, windows, calib_meta, new_windows

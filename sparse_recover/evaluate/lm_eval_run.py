@@ -39,7 +39,9 @@ Return value (plain JSON-able dict)
 
 Other arguments: `bootstrap_iters` (default 1000) only matters for perplexity-type metrics (acc stderrs are
 closed-form; lm-eval's default of 100000 is slow); `quiet` (default True) sets the lm_eval loggers to ERROR
-during the call (lm-eval's own tqdm bars and the `datasets` progress bars still print to stderr).
+during the call and silences what lm-eval prints itself: its tqdm bars and the `datasets` bars (stderr), its
+"bootstrapping for stddev" lines (stdout) and git's "fatal: not a git repository" (`simple_evaluate` runs
+`git describe` for its results' git_hash; with quiet it runs with git's stderr discarded).
 Side effects: lm_eval.simple_evaluate re-seeds python/numpy/torch RNGs (its fixed defaults).
 
 Hub tasks without network: the failure is caught while the tasks are loaded (before any forward pass)
@@ -55,11 +57,13 @@ Notes
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sparse_recover.errors import ConfigError, DataError
 from sparse_recover.evaluate import wiki_suite
@@ -299,6 +303,36 @@ def _evaluate(lm, tm, plan: Plan, built: dict[str, Any], out: dict[str, Any], fi
         _collect(res, {u.name: built[u.name] for u in units}, plan, out, *files)
 
 
+@contextlib.contextmanager
+def _quiet_output(quiet: bool) -> Iterator[None]:
+    """With `quiet`, what lm-eval (and the datasets it loads) print goes nowhere, and its git call is silent."""
+    if not quiet:
+        yield
+        return
+    import lm_eval.evaluator
+
+    patched = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = _git_hash_quietly
+    try:
+        with open(os.devnull, "w", encoding="utf-8") as sink, contextlib.redirect_stdout(sink), \
+                contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = patched
+
+
+def _git_hash_quietly() -> str | None:
+    """lm_eval.loggers.utils.get_git_commit_hash without git's complaint on stderr outside a repository."""
+    import subprocess
+
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+    except (subprocess.CalledProcessError, OSError):
+        return get_commit_from_path(os.getcwd())
+
+
 def run_lm_eval(model, tokenizer, tasks: list[str] | str, *, limit: int | float | None = None,
                 batch_size: int | str = "auto", device: Any = None, num_fewshot: int | None = None,
                 data_dir: str | None = None, include_path: list[str] | str | None = None,
@@ -318,7 +352,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str] | str, *, limit: int | float 
         raise ConfigError(f"limit must be positive, got {limit}")
     dev = _place(model, device)
     bs = _resolve_batch_size(batch_size, dev)
-    with lm_eval_logs(quiet):
+    with lm_eval_logs(quiet), _quiet_output(quiet):
         plan = plan_tasks(tasks, data_dir=data_dir, include_path=list(include_path or []), num_fewshot=num_fewshot)
         tmp = Path(tempfile.mkdtemp(prefix="sparse-recover-tasks-"))
         try:

@@ -174,9 +174,8 @@ class Trainer:
         if self.acc.is_main_process:
             self.work_dir.mkdir(parents=True, exist_ok=True)
         kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
-        bar = progress(self.total, describe) if self.acc.is_main_process else None
+        bar = progress(self.total, describe, unit="step") if self.acc.is_main_process else None
         if bar is not None:
-            bar.unit = "step"
             bar.update(self.progress.step)
         meter = _Throughput(self.progress.tokens)
         try:

@@ -5,10 +5,7 @@ bad input (one line, non-zero exit, run directory untouched)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from sparse_recover.config import FinetuneSection
 from sparse_recover.engine.finetune import WORK_DIR
 from sparse_recover.errors import RunDirError
 from sparse_recover.sparsity.io import load_masks
-from tests.helpers import QUICK, assert_clean_error, prune, run_cli, snapshot, run_audit, run_finetune, run_merge
+from tests.helpers import accelerate_finetune, QUICK, assert_clean_error, prune, run_cli, snapshot, run_audit, run_finetune, run_merge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,13 +142,7 @@ def test_two_processes_equal_one(pruned_runs, tmp_path, train_file):
     cache = tmp_path / "cache"
     res = run_cli(["finetune", *args, "--run-dir", one], tmp_path, cache)
     assert res.returncode == 0, res.stderr[-2000:]
-    accelerate = Path(sys.executable).with_name("accelerate")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSE_RECOVER_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sparse_recover", "finetune",
-                           *map(str, args), "--run-dir", str(two)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = accelerate_finetune(args, two, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     entry = json.loads((two / "manifest.json").read_text())["stages"]["finetune"]
     assert entry["world_size"] == 2

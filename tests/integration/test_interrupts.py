@@ -38,6 +38,8 @@ def _env(progress: bool = False) -> dict[str, str]:
     # one intra-op thread: tiny tensors on a shared 2-core machine run ~10x faster than with two
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", SPARSE_RECOVER_NO_PROGRESS="0" if progress else "1")
+    if progress:  # off a terminal a progress line comes at most once a minute by default: one per block here
+        env["SPARSE_RECOVER_PROGRESS_INTERVAL"] = "0"
     return env
 
 
