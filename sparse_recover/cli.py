@@ -30,8 +30,18 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from sparse_recover import __version__
+
+        print(f"sparse-recover {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _output(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
     verbose: bool = typer.Option(False, "--verbose", help="Also the libraries' progress bars and messages "
                                  "(Hugging Face, lm-eval, git) and a header per pipeline stage."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the summary line(s) and errors; no progress bars."),

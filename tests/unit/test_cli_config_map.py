@@ -72,3 +72,10 @@ def test_command_signature_shape(module):
     params = list(inspect.signature(fn).parameters.values())
     assert [p.name for p in params] == ["cfg", "rd", "force"]
     assert params[2].kind is inspect.Parameter.KEYWORD_ONLY and params[2].default is False
+
+
+def test_version_flag(capsys):
+    from sparse_recover import __version__
+
+    cli.main(["--version"])  # exit status 0: main returns normally
+    assert capsys.readouterr().out.strip() == f"sparse-recover {__version__}"
