@@ -366,6 +366,12 @@ class EvalSection(Section):
                              "(finetune adapters are evaluated through merge)")
         return list(dict.fromkeys(v))
 
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks_csv(cls, v: Any) -> Any:
+        """`tasks: ppl,wiki-suite` in YAML, as on the command line, or a list."""
+        return [t for t in v.split(",")] if isinstance(v, str) else v
+
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
@@ -511,7 +517,7 @@ class AuditConfig(Section):
 
 class EvalCommandConfig(Section):
     model: RuntimeSection = RuntimeSection()
-    stage: str = Field("prune", description="dense | prune | dsnot | merge")
+    stage: str = Field("prune", description="dense | prune | dsnot | reconstruct | merge (fine-tuned adapters: through merge)")
     eval: EvalSection = EvalSection()
 
 

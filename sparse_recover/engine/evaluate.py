@@ -48,6 +48,9 @@ def prepare(cfg: EvalCommandConfig, rd: RunDir) -> EvalRequest:
     if harness_tasks:
         check_tasks(harness_tasks, data_dir=ev.data_dir, num_fewshot=ev.num_fewshot, extra_names=TASKS)
     manifest = rd.require_run()
+    if stage == "finetune":  # adapters, not a checkpoint: they are measured through merge
+        raise RunDirError(f"the finetune stage holds adapters, not a checkpoint: run `sparse-recover merge --run-dir "
+                          f"{rd.path}` (no pruned weight is revived) and evaluate it with `--stage merge`")
     if stage not in EVAL_STAGES:
         raise RunDirError(f"unknown stage {stage!r}: use {', '.join(EVAL_STAGES)}")
     if stage == "dense":

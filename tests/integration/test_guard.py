@@ -81,3 +81,16 @@ def test_eval_result_is_keyed_to_the_checkpoint(tiny_models, tmp_path, calib_fil
     manifest = json.loads((run / "manifest.json").read_text())
     prune_rec = manifest["stages"]["prune"]
     assert first["checkpoint"] == f"{prune_rec['finished']}|{prune_rec['masks_sha256']}"
+
+
+def test_eval_of_finetune_explains_merge_and_yaml_tasks_take_a_comma_list(tiny_models, tmp_path, calib_file):
+    from sparse_recover.config import EvalSection
+
+    assert EvalSection(tasks="ppl, wiki-suite").tasks == ["ppl", "wiki-suite"]  # YAML form = CLI form
+    assert EvalSection(tasks=["ppl"]).tasks == ["ppl"]
+    run = tmp_path / "run"
+    prune(tiny_models["llama"], run, calib_file, "wanda", "2:4")
+    before = snapshot(run)
+    res = run_cli(["eval", "--run-dir", run, "--stage", "finetune", "--seqlen", "32"], tmp_path, tmp_path / "cache")
+    assert_clean_error(res, 5, ["holds adapters", "sparse-recover merge --run-dir", "--stage merge"])
+    assert snapshot(run) == before
