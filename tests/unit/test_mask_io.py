@@ -15,8 +15,8 @@ from sparse_recover.errors import RunDirError
 from sparse_recover.sparsity import io as mask_io
 from sparse_recover.sparsity.io import load_masks, masks_sha256, pack_mask, save_masks, unpack_mask
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "masks_bool_v1.safetensors"
-# masks_sha256 the first release's save_masks returned when it wrote FIXTURE
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "masks_bool_v1.json"
+# masks_sha256 the first release's save_masks returned when it wrote the file FIXTURE describes
 FIXTURE_SHA256 = "032c3cb20afd106cf74ec1e33e113478a336a68a29f50b55c13387eaf7ceb444"
 FIXTURE_SHAPES = {"model.layers.0.self_attn.q_proj.weight": (8, 13), "model.layers.0.mlp.down_proj.weight": (5, 24),
                   "transformer.h.0.attn.c_attn.weight": (12, 7), "model.layers.1.self_attn.o_proj.weight": (3, 1)}
@@ -100,8 +100,21 @@ def test_packed_file_is_an_eighth_of_the_bool_file(tmp_path):
     assert ratio <= 0.13, ratio
 
 
+def first_release_file(folder: Path) -> Path:
+    """The masks.safetensors of the first release, rebuilt byte for byte from its text description
+    (bool tensors in the stored 0/1 rows, the stored metadata): no binary file in git."""
+    from safetensors.torch import save_file
+
+    spec = json.loads(FIXTURE.read_text())
+    tensors = {name: torch.tensor([[c == "1" for c in row] for row in t["rows"]], dtype=torch.bool).reshape(t["shape"])
+               for name, t in spec["tensors"].items()}
+    path = folder / "masks_bool_v1.safetensors"
+    save_file(tensors, str(path), metadata=spec["metadata"])
+    return path
+
+
 def test_first_release_fixture_reads_and_keeps_its_hash(tmp_path):
-    masks, meta = load_masks(FIXTURE)
+    masks, meta = load_masks(first_release_file(tmp_path))
     assert "mask_format" not in meta and json.loads(meta["transposed"]) == ["transformer.h.0.attn.c_attn.weight"]
     expected = fixture_masks()
     assert sorted(masks) == sorted(expected) and len(masks) == 4
