@@ -220,6 +220,19 @@ class RunDir:
         self.write(manifest)
         return record
 
+    def begin_replace(self, stage: str) -> None:
+        """Before RUN/<stage> is swapped: its record, its dependents and their evaluations stop counting."""
+        if not self.exists():
+            return
+        manifest = self.manifest()
+        rec = manifest.stages.get(stage)
+        if rec is None:
+            return
+        rec.status, rec.stale_reason = "stale", "being replaced (re-run the command if it was interrupted)"
+        for name in [stage, *self.invalidate(manifest, stage)]:
+            self._drop_evals(manifest, name)
+        self.write(manifest)
+
     def invalidate(self, manifest: Manifest, stage: str) -> list[str]:
         """Mark every complete stage computed from `stage` stale; returns their names."""
         reads = {name: recorded_inputs(name, rec) for name, rec in manifest.stages.items()}
@@ -242,11 +255,14 @@ class RunDir:
             setattr(manifest.stages[stage], "stale_evals", dropped)
 
     @contextlib.contextmanager
-    def staging(self, *names: str) -> Iterator[list[Path]]:
+    def staging(self, *names: str, replacing: str | None = None) -> Iterator[list[Path]]:
         """Temporary folders that replace RUN/<name> atomically when the block succeeds.
 
         On any exception they are deleted and RUN is left as it was (a run directory created for
-        this stage and still empty is removed too).
+        this stage and still empty is removed too). `replacing`: the stage whose folder is swapped in;
+        its old record (and everything computed from it) is marked stale just before the swap, so a
+        kill between the swap and the new record leaves a stage that is recomputed, never one whose
+        record describes other files.
         """
         created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
@@ -261,6 +277,8 @@ class RunDir:
                         _public(os.path.join(root, f))
                     for d in dirs:
                         _public(os.path.join(root, d), directory=True)
+            if replacing is not None:
+                self.begin_replace(replacing)
             for name, tmp in zip(names, tmps):
                 final = self.path / name
                 if final.exists():

@@ -98,3 +98,16 @@ def data_dir(tmp_path_factory):
                     "answerKey": "ABCD"[i % 4]})
     write_jsonl(root / "arc_easy" / "test.jsonl", arc)
     return root
+
+
+@pytest.fixture(scope="session")
+def pruned_runs(tiny_models, tmp_path_factory, calib_file) -> dict[str, Path]:
+    """Wanda 2:4 run directories of the tiny LLaMA and GPT-2 (copy them with helpers.copy_run before use)."""
+    from tests.helpers import prune
+
+    out = {}
+    for family in ("llama", "gpt2"):
+        run = tmp_path_factory.mktemp(f"pruned-{family}") / "run"
+        prune(tiny_models[family], run, calib_file, "wanda", "2:4")
+        out[family] = run
+    return out

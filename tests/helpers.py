@@ -322,3 +322,11 @@ def accelerate_finetune(args, run_dir, cwd, processes: int = 2):
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
                            "sparse_recover", "finetune", *map(str, args), "--run-dir", str(run_dir)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A private copy of a shared run directory fixture."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst

@@ -340,7 +340,7 @@ def finetune_stage(req: FinetuneRequest, rd: RunDir) -> dict[str, Any]:
         }
         if distill_info is not None:
             entry["distill"] = distill_info
-        with rd.staging("finetune") as (tmp,):
+        with rd.staging("finetune", replacing="finetune") as (tmp,):
             save_file(adapter_state_dict(adapters), str(tmp / ADAPTER_FILE))
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=1))
             (tmp / "trainer_log.json").write_text(json.dumps({"history": result.history, "evals": result.evals},

@@ -220,7 +220,7 @@ def commit_checkpoint(rd: RunDir, stage: str, entry: dict[str, Any], model, toke
 
     entry["pattern"] = pattern.spec
     names = [stage, "calib"] if windows is not None else [stage]
-    with rd.staging(*names) as tmps:
+    with rd.staging(*names, replacing=stage) as tmps:
         model.save_pretrained(tmps[0])
         tokenizer.save_pretrained(tmps[0])
         entry["masks_sha256"] = save_masks(Path(tmps[0]) / MASKS_FILE, masks, transposed=transposed,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sparse_recover.sparsity.io import MASKS_FILE, CheckpointTensors, load_masks, masks_sha256
+from sparse_recover.sparsity.io import MASKS_FILE, CheckpointTensors, MaskDigest, load_masks, sorted_items
 from sparse_recover.sparsity.masks import nm_group_counts
 from sparse_recover.sparsity.patterns import NM, Pattern, Unstructured
 
@@ -72,13 +72,13 @@ def audit_checkpoint(folder: Path, expect: Expectation | None = None,
     masks, meta = load_masks(masks_path)
     transposed = set(json.loads(meta.get("transposed", "[]")))
     pattern, group = expect.pattern, expect.group
-    if expect.masks_sha256 and expect.masks_sha256 != masks_sha256(masks):
-        report["violations"].append("masks.safetensors does not match the hash recorded in the manifest")
+    digest = MaskDigest()  # the hash is taken in the same pass as the checks: every mask is read once
     tensors = CheckpointTensors(folder)  # a damaged checkpoint is one line naming the file (RunDirError, exit 5)
     for key in sorted(set(expect.pruned_layers) - set(masks)):
         report["violations"].append(f"{key}: no stored mask")
     total = kept_total = revived_total = 0
-    for key, keep in masks.items():
+    for key, keep in sorted_items(masks):
+        digest.update(key, keep)
         weight = tensors.get(key)
         row: dict[str, Any] = {}
         if weight is None:
@@ -119,6 +119,8 @@ def audit_checkpoint(folder: Path, expect: Expectation | None = None,
         kept_total += kept
         revived_total += revived
         report["layers"][key] = row
+    if expect.masks_sha256 and expect.masks_sha256 != digest.hexdigest():
+        report["violations"].insert(0, "masks.safetensors does not match the hash recorded in the manifest")
     report["overall_sparsity"] = round(1 - kept_total / total, 6) if total else 0.0
     report["pruned_nonzero"] = revived_total
     report["linears"] = len(report["layers"])

@@ -234,6 +234,24 @@ def _hash_mask(digest, key: str, keep: torch.Tensor) -> None:
     digest.update(keep.view(torch.uint8).numpy())
 
 
+class MaskDigest:
+    """masks_sha256 built while the masks are read for something else (the audit reads each once)."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def update(self, key: str, keep: torch.Tensor) -> None:
+        _hash_mask(self._digest, key, keep.to("cpu", torch.bool).contiguous())
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def sorted_items(masks: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, mask) in the order masks_sha256 hashes them, one mask at a time."""
+    return _sorted_items(masks)
+
+
 def masks_sha256(masks: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over the sorted names and each LOGICAL bool mask's bytes (one byte per entry), whatever
     the file format; reads one mask at a time from a MaskFile."""

@@ -6,7 +6,6 @@ distillation settings, resume after SIGKILL and 2 processes under `accelerate la
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,23 +17,13 @@ from sparse_recover.config import FinetuneSection
 from sparse_recover.engine.finetune import WORK_DIR
 from sparse_recover.errors import ConfigError, ModelSourceError, RunDirError
 from sparse_recover.sparsity.io import load_masks
-from tests.helpers import (accelerate_finetune, QUICK, assert_clean_error, build_model, make_config, make_tokenizer, prune, run_audit,
+from tests.helpers import (copy_run, accelerate_finetune, QUICK, assert_clean_error, build_model, make_config, make_tokenizer, run_audit,
                            run_cli, run_finetune, run_merge, snapshot)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLI_ARGS = ["--method", "lors", "--seqlen", "32", "--batch-size", "4", "--micro-batch-size", "2",
             "--val-size", "8", "--max-train-samples", "64", "--init-samples", "8", "--lr", "5e-3", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def pruned_runs(tiny_models, tmp_path_factory, calib_file) -> dict[str, Path]:
-    out = {}
-    for family in ("llama", "gpt2"):
-        run = tmp_path_factory.mktemp(f"pruned-{family}") / "run"
-        prune(tiny_models[family], run, calib_file, "wanda", "2:4")
-        out[family] = run
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +39,6 @@ def plain_adapters(pruned_runs, train_file, tmp_path_factory):
         return cache[method]
 
     return get
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 def adapters_of(run: Path) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ bad input (one line, non-zero exit, run directory untouched)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,24 +16,9 @@ from sparse_recover.config import FinetuneSection
 from sparse_recover.engine.finetune import WORK_DIR
 from sparse_recover.errors import RunDirError
 from sparse_recover.sparsity.io import load_masks
-from tests.helpers import accelerate_finetune, QUICK, assert_clean_error, prune, run_cli, snapshot, run_audit, run_finetune, run_merge
+from tests.helpers import copy_run, accelerate_finetune, QUICK, assert_clean_error, run_cli, snapshot, run_audit, run_finetune, run_merge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-@pytest.fixture(scope="module")
-def pruned_runs(tiny_models, tmp_path_factory, calib_file) -> dict[str, Path]:
-    out = {}
-    for family in ("llama", "gpt2"):
-        run = tmp_path_factory.mktemp(f"pruned-{family}") / "run"
-        prune(tiny_models[family], run, calib_file, "wanda", "2:4")
-        out[family] = run
-    return out
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("method", list(ADAPTERS))

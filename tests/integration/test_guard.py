@@ -94,3 +94,47 @@ def test_eval_of_finetune_explains_merge_and_yaml_tasks_take_a_comma_list(tiny_m
     res = run_cli(["eval", "--run-dir", run, "--stage", "finetune", "--seqlen", "32"], tmp_path, tmp_path / "cache")
     assert_clean_error(res, 5, ["holds adapters", "sparse-recover merge --run-dir", "--stage merge"])
     assert snapshot(run) == before
+
+
+def test_kill_between_swap_and_record_leaves_nothing_stale_counted(tiny_models, tmp_path, calib_file, eval_file,
+                                                                     monkeypatch):
+    """A --force prune killed after its new folder is swapped in but before its record is written: the old
+    record must not describe the new files; the stage and its dependents are stale and a re-run completes."""
+    from sparse_recover.rundir import RunDir
+
+    run = tmp_path / "run"
+    prune(tiny_models["llama"], run, calib_file, "wanda", "2:4")
+    run_dsnot(run, max_cycles=3, device="cpu")
+    run_eval(run, "prune", ["ppl"], ppl_data=str(eval_file), seqlen=32, limit=2, device="cpu")
+
+    def killed(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(RunDir, "commit", killed)
+        with pytest.raises(KeyboardInterrupt):
+            prune(tiny_models["llama"], run, calib_file, "magnitude", "unstructured", 0.7, force=True)
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert stages["prune"]["status"] == "stale" and stages["dsnot"]["status"] == "stale"
+    assert not (run / "eval" / "prune.json").exists()
+    with pytest.raises(RunDirError, match="stale"):
+        run_audit(run, stages=["prune"])
+    entry = prune(tiny_models["llama"], run, calib_file, "magnitude", "unstructured", 0.7)  # no --force needed
+    assert entry["status"] == "complete" and entry["method"] == "magnitude"
+    assert run_audit(run, stages=["prune"])["prune"]["ok"]
+
+
+def test_audit_checks_the_recorded_masks_hash(tiny_models, tmp_path, calib_file, capsys):
+    from sparse_recover.errors import AuditError
+
+    run = tmp_path / "run"
+    prune(tiny_models["llama"], run, calib_file, "wanda", "2:4")
+    assert run_audit(run)["prune"]["ok"]
+    path = run / "manifest.json"
+    data = json.loads(path.read_text())
+    data["stages"]["prune"]["masks_sha256"] = "0" * 64
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    with pytest.raises(AuditError):
+        run_audit(run)
+    assert "masks.safetensors does not match the hash recorded in the manifest" in capsys.readouterr().out
