@@ -191,6 +191,13 @@ def estimates(cfg: PipelineConfig, f: ModelFacts, stages: list[str], *, on_gpu: 
         parts, offloaded = layerwise("dsnot", d.batch_size, d.offload)
         host = (weights if on_gpu else 0) + windows + 2 * masks + load  # dense model + stored and new masks
         add("dsnot", f"prune/ (masks) calib/, dense model {source_label}", "dsnot/", parts, host, offloaded=offloaded)
+    if "reconstruct" in stages:  # SparseGPT's sweep with the stored masks fixed: SparseGPT's terms
+        rc = cfg.reconstruct
+        parts, offloaded = layerwise("sparsegpt", rc.batch_size, rc.offload)
+        host = (weights if on_gpu else 0) + windows + masks + load
+        src = "dsnot" if (rc.from_stage == "dsnot" or (rc.from_stage == "auto" and "dsnot" in stages)) else "prune"
+        add("reconstruct", f"{src}/ (masks) calib/, dense model {source_label}", "reconstruct/", parts, host,
+            offloaded=offloaded)
     if "finetune" in stages:
         ft = cfg.finetune.resolved()
         r, mb, L = ft["rank"], ft["micro_batch_size"], ft["seqlen"]
@@ -291,8 +298,8 @@ def show(cfg: PipelineConfig, run_dir: str | None, selected: list[str], *,
 def _verdict(cfg: PipelineConfig, e: Estimate, free: int, on_gpu: bool, f: ModelFacts) -> str:
     if not on_gpu:
         return "" if e.host <= free else f"needs {_fmt(e.host)} of host RAM, {_fmt(free)} available"
-    if e.stage in ("prune", "dsnot"):
-        offload = cfg.prune.offload if e.stage == "prune" else cfg.dsnot.offload
+    if e.stage in ("prune", "dsnot", "reconstruct"):
+        offload = getattr(cfg, e.stage).offload
         if e.device <= free:
             return "fits" + (" (with --offload)" if offload else "")
         if not offload and e.offloaded is not None and e.offloaded <= free:

@@ -93,7 +93,7 @@ def test_reconstruct_bad_input(tiny_models, tmp_path, calib_file):
     assert snapshot(run) == before
 
 
-def test_reconstruct_in_a_yaml_pipeline(tiny_models, tmp_path, calib_file, eval_file):
+def test_reconstruct_in_a_yaml_pipeline(tiny_models, tmp_path, calib_file, eval_file, capsys):
     from sparse_recover.config import validate_pipeline
     from sparse_recover.errors import ConfigError
     from tests.helpers import run_pipeline
@@ -106,6 +106,9 @@ def test_reconstruct_in_a_yaml_pipeline(tiny_models, tmp_path, calib_file, eval_
                      "seqlen": 32, "limit": 2}}
     cfg = validate_pipeline(data)
     assert cfg.stages() == ["prune", "dsnot", "reconstruct", "audit", "eval"]
+    run_pipeline(cfg, None, dry_run=True)  # the plan estimates the reconstruct stage too
+    assert any(line.startswith("reconstruct ") and "dsnot/ (masks)" in line
+               for line in capsys.readouterr().out.splitlines())
     run = tmp_path / "run"
     run_pipeline(cfg, run)
     manifest = json.loads((run / "manifest.json").read_text())
