@@ -17,6 +17,12 @@
 With `offload=True` the model stays on the CPU and only the current block moves to the device, so
 one accelerator handles a model larger than its memory. Hooks, forwards, `use_cache` and devices are
 restored in `finally`, also when a pruner raises.
+
+Resuming (engine/snapshot.py): `start` skips the blocks already finished (their weights are back in the
+model), and `resume_hidden`, the stored inputs of block `start` for all windows, replaces the captured
+block-0 inputs; the call arguments are captured again, which is exact because pruning never changes what
+comes before the first block. `after_block(i, block, hidden)` sees every finished block with the inputs
+of the next one (a snapshot point).
 """
 
 from __future__ import annotations
@@ -219,12 +225,22 @@ def layerwise(
     batch_size: int = 1,
     propagate: Propagate = "pruned",
     progress: Callable[[int], Any] | None = None,
+    start: int = 0,
+    resume_hidden: torch.Tensor | None = None,
+    after_block: Callable[[int, nn.Module, list[torch.Tensor]], Any] | None = None,
 ) -> None:
-    """Drive `process_block` over every decoder block with the calibration windows."""
+    """Drive `process_block` over every decoder block with the calibration windows (from block `start`,
+    whose inputs are `resume_hidden` when start > 0)."""
     stat_cls = STATISTICS[statistic] if statistic else None
     with calibration_mode(model, device, offload) as (blocks_name, blocks):
+        if start >= len(blocks):
+            return
         inputs = capture_inputs(model, blocks, windows, device, batch_size)
+        if start > 0:
+            restore_hidden(inputs, resume_hidden)
         for i, block in enumerate(blocks):
+            if i < start:
+                continue
             if offload:
                 block.to(device)
             try:
@@ -248,5 +264,22 @@ def layerwise(
             finally:
                 if offload:
                     block.to("cpu")
+            if after_block is not None:
+                after_block(i, block, inputs.hidden)
             if progress is not None:
                 progress(i)
+
+
+def restore_hidden(inputs: BlockInputs, hidden: torch.Tensor | None) -> None:
+    """Replace the captured block inputs by stored ones (all windows, in order), batched as captured."""
+    if hidden is None:
+        raise ValueError("resuming a layer-wise pass needs the stored inputs of its first block")
+    total = sum(h.shape[0] for h in inputs.hidden)
+    if hidden.shape[0] != total or tuple(hidden.shape[1:]) != tuple(inputs.hidden[0].shape[1:]):
+        raise ValueError(f"stored block inputs {tuple(hidden.shape)} do not fit the calibration windows "
+                         f"({total} x {tuple(inputs.hidden[0].shape[1:])})")
+    at = 0
+    for b, h in enumerate(inputs.hidden):
+        n = h.shape[0]
+        inputs.hidden[b] = hidden[at:at + n].to(h.device, h.dtype).contiguous()
+        at += n

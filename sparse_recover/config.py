@@ -18,9 +18,14 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    model: str = Field(description="Hugging Face id, local folder, or built-in alias (smollm2-135m, gemma3-270m)")
+    model: str = Field(description="Hugging Face id, local folder, or built-in alias (smollm2-135m, gemma3-270m, "
+                       "tiny-llama-random)")
     dtype: str = Field("auto", description="auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16")
     device: str = Field("auto", description="auto (a GPU when present), cpu, cuda, cuda:N")
+    revision: str | None = Field(None, description="hub model: branch, tag or commit to load (every later stage "
+                                 "that reads the dense model uses the same)")
+    trust_remote_code: bool = Field(False, description="hub model: run the modelling code shipped with the "
+                                    "checkpoint (off by default: it is arbitrary Python)")
 
 
 class CalibSection(Section):
@@ -30,6 +35,10 @@ class CalibSection(Section):
     seqlen: int = Field(2048, ge=2)
     seed: int = 0
     batch_size: int = Field(1, ge=1, description="windows per forward call; statistics are unchanged")
+
+
+CHECKPOINT_EVERY_HELP = ("snapshot the layer-wise pass every K decoder blocks so a re-run resumes it (null = auto: off "
+                         "under 1B parameters, else about every 10 minutes of GPU work, ~10 blocks for a 70B LLaMA)")
 
 
 class PruneSection(Section):
@@ -44,6 +53,7 @@ class PruneSection(Section):
     threshold_rule: Literal["exact", "reference"] = "exact"
     propagate: Literal["pruned", "dense"] = "pruned"
     offload: bool = False
+    checkpoint_every: int | None = Field(None, ge=1, description=CHECKPOINT_EVERY_HELP)
     profile: Literal["uniform", "owl"] = Field("uniform", description="uniform (every block at the target) | "
                                               "owl (outlier-weighted layer-wise sparsity)")
     owl_m: float = Field(5.0, gt=0, description="OWL outlier threshold: scores above M x their block mean "
@@ -135,6 +145,12 @@ class FinetuneSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="experiment tracking through accelerate's trackers: loss, learning rate, tokens/s and "
+        "the held-out loss per step (tensorboard: RUN/logs/tensorboard; wandb: needs `pip install wandb`)")
+    shard: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp: shard the frozen base and the adapters over the launched processes with "
+        "PyTorch FSDP2 (one unit per decoder block); none: every process holds the whole model (DDP)")
     seed: int = 42
     eval_every: int = Field(200, ge=1, description="evaluation loss every N optimizer steps")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches per evaluation")
@@ -200,7 +216,43 @@ class FinetuneSection(Section):
         return {**self.model_dump(), "lora_alpha": alpha, "scaling": scaling, "lr": lr, "dropout": dropout}
 
 
-def _format_errors(exc: ValidationError) -> str:
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    """The config class behind a field's annotation (`DsnotSection | None` -> DsnotSection)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def did_you_mean(cls: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
+    """` (did you mean prune.method?)` for an unknown key at `loc` of config class `cls`: the closest key of
+    the same section (difflib, as the CLI suggests options), else the same key in another section."""
+    import difflib
+
+    if cls is None or not loc or not all(isinstance(p, str) for p in loc):
+        return ""
+    *sections, key = loc
+    parent: type[BaseModel] | None = cls
+    for name in sections:
+        field = parent.model_fields.get(name) if parent is not None else None
+        parent = _section_class(field.annotation) if field is not None else None
+    if parent is None:
+        return ""
+    prefix = "".join(f"{name}." for name in sections)
+    close = difflib.get_close_matches(key, list(parent.model_fields), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {prefix}{close[0]}?)"
+    elsewhere = [f"{name}.{key}" for name, field in cls.model_fields.items()
+                 if (section := _section_class(field.annotation)) is not None and key in section.model_fields]
+    return f" (did you mean {' or '.join(elsewhere[:2])}?)" if elsewhere else ""
+
+
+def _format_errors(exc: ValidationError, cls: type[BaseModel] | None = None) -> str:
     parts = []
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"]) or "config"
@@ -208,7 +260,7 @@ def _format_errors(exc: ValidationError) -> str:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + did_you_mean(cls, tuple(err["loc"]))
         parts.append(f"{path}: {msg}")
     return "; ".join(parts)
 
@@ -218,7 +270,7 @@ def validate(cls: type[BaseModel], data: dict[str, Any]) -> Any:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {_format_errors(exc)}") from None
+        raise ConfigError(f"invalid configuration: {_format_errors(exc, cls)}") from None
 
 
 def _yaml_loader():
@@ -309,6 +361,7 @@ class DsnotSection(Section):
     threshold: float = Field(0.1, ge=0, description="stop a row when |error| <= threshold (absolute units)")
     pow_var_regrow: float = Field(1.0, description="variance exponent of the growing criterion")
     offload: bool = Field(False, description="keep the model on the CPU; only the current block on the device")
+    checkpoint_every: int | None = Field(None, ge=1, description=CHECKPOINT_EVERY_HELP)
     batch_size: int = Field(1, ge=1, description="calibration windows per forward call")
 
 
@@ -326,8 +379,11 @@ class ReconstructSection(Section):
 
 class MergeSection(Section):
     enabled: bool = True
-    ppl_windows: int = Field(8, ge=1, description="held-out wiki-en windows for the before/after check")
+    ppl_windows: int = Field(8, ge=1, description="held-out windows for the before/after check")
     ppl_seqlen: int = Field(512, ge=2, description="tokens per window of the before/after check")
+    ppl_data: str = Field("wiki-en", min_length=1, description="data of the before/after check: wiki-en (built in, "
+                          "held-out part) | wikitext2 | FILE (.txt/.json/.jsonl) | auto (as eval: wiki-en for "
+                          "built-in models, else wikitext2)")
 
 
 class AuditSection(Section):
@@ -471,7 +527,7 @@ def validate_pipeline(data: dict[str, Any]) -> PipelineConfig:
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        problems = [_format_errors(exc), *problems]
+        problems = [_format_errors(exc, PipelineConfig), *problems]
         cfg = None
     if problems:
         raise ConfigError(f"invalid configuration: {'; '.join(problems)}")

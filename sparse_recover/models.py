@@ -63,17 +63,58 @@ class ModelSource:
     spec: str  # what identifies the model in a manifest: alias, absolute path or hub id
     kind: str  # "builtin" | "local" | "hub"
     path: str  # what from_pretrained receives
+    # hub options, passed to every from_pretrained (model, tokenizer, config); transformers ignores a
+    # revision for a local folder, so it only means something for a hub id
+    revision: str | None = None
+    trust_remote_code: bool = False
 
-    def to_json(self) -> dict[str, str]:
-        return {"spec": self.spec, "kind": self.kind, "path": self.path}
+    def to_json(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kind": self.kind, "path": self.path, "revision": self.revision,
+                "trust_remote_code": self.trust_remote_code}
+
+    def hub_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every from_pretrained of this model receives."""
+        kwargs: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.revision:
+            kwargs["revision"] = self.revision
+        return kwargs
+
+    def describe(self) -> str:
+        """The spec, with the revision when one is pinned (`org/name@v1.0`), for error lines."""
+        return f"{self.spec}@{self.revision}" if self.revision else self.spec
 
 
+def source_for(section: Any, *, convert: bool = True) -> ModelSource:
+    """The ModelSource of a config's model section (config.ModelSection): its model, revision and
+    trust_remote_code."""
+    return resolve_model_source(section.model, convert=convert, revision=getattr(section, "revision", None),
+                                trust_remote_code=bool(getattr(section, "trust_remote_code", False)))
 
-def resolve_model_source(spec: str, *, convert: bool = True) -> ModelSource:
+
+def source_from_entry(entry: dict[str, Any] | Any) -> ModelSource:
+    """The dense base model of a manifest's model entry, with the revision and trust_remote_code it was
+    loaded with (so a teacher or a dense evaluation reads the same weights as prune did)."""
+    data = entry if isinstance(entry, dict) else entry.model_dump()
+    return resolve_model_source(data.get("spec") or "", revision=data.get("revision"),
+                                trust_remote_code=bool(data.get("trust_remote_code")))
+
+
+def resolve_model_source(spec: str, *, convert: bool = True, revision: str | None = None,
+                         trust_remote_code: bool = False) -> ModelSource:
     """Turn a --model value into a ModelSource; converts a built-in alias on first use.
 
     Raises ModelSourceError (one line) for a missing folder, an unknown alias or a missing package.
+    `revision` (a branch, tag or commit of a hub id) and `trust_remote_code` travel with the source.
     """
+    revision = (str(revision).strip() or None) if revision is not None else None
+    source = _resolve(spec, convert=convert)
+    if revision is None and not trust_remote_code:
+        return source
+    return ModelSource(spec=source.spec, kind=source.kind, path=source.path, revision=revision,
+                       trust_remote_code=bool(trust_remote_code))
+
+
+def _resolve(spec: str, *, convert: bool) -> ModelSource:
     spec = str(spec).strip()
     if not spec:
         raise ModelSourceError("--model is empty: give a Hugging Face id, a local folder or a built-in alias "
@@ -225,11 +266,15 @@ def _folder_error(path: str) -> type[SparseRecoverError]:
     return RunDirError if (Path(path).parent / MANIFEST).is_file() else ModelSourceError
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(source: ModelSource | str):
+    """The tokenizer of a ModelSource (with its revision and trust_remote_code) or of a folder."""
     from transformers import AutoTokenizer
 
+    if isinstance(source, str):
+        source = ModelSource(spec=source, kind="local", path=source)
+    path = source.path
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **source.hub_kwargs())
     except Exception as exc:  # tokenizers raises plain Exception for a garbled tokenizer.json
         error = _folder_error(path)
         if os.path.isdir(path):  # name the damaged file when it is one of the tokenizer's JSON files
@@ -240,18 +285,27 @@ def load_tokenizer(path: str):
                     read_json(os.path.join(path, name), error=error, what="tokenizer file")
         if not isinstance(exc, (OSError, ValueError)):
             raise
-        raise error(f"could not load a tokenizer from {path}: {_first_line(exc)}") from None
+        where = source.describe() if source.kind == "hub" else path
+        raise error(f"could not load a tokenizer from {where}: {_first_line(exc)}") from None
+
+
+def _hub_hint(source: ModelSource) -> str:
+    if source.kind != "hub":
+        return ""
+    if source.revision:
+        return f" (revision {source.revision!r}: does it exist, and is it cached when offline?)"
+    return " (no network? use a local folder or a built-in alias)"
 
 
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source.path)
+        return AutoConfig.from_pretrained(source.path, **source.hub_kwargs())
     except (OSError, ValueError) as exc:
-        hint = " (no network? use a local folder or a built-in alias)" if source.kind == "hub" else ""
         error = ModelSourceError if source.kind == "hub" else _folder_error(source.path)  # a run's stage: exit 5
-        raise error(f"could not load model config for {source.spec}: {_first_line(exc)}{hint}") from None
+        raise error(f"could not load model config for {source.describe()}: {_first_line(exc)}"
+                    f"{_hub_hint(source)}") from None
 
 
 def load_model(source: ModelSource | str, dtype: Any, device: Any = None):
@@ -270,10 +324,9 @@ def load_model(source: ModelSource | str, dtype: Any, device: Any = None):
         error = _folder_error(source.path)
         check_checkpoint(source.path, error=error)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.hub_kwargs())
     except (OSError, ValueError) as exc:
-        hint = " (no network? use a local folder or a built-in alias)" if source.kind == "hub" else ""
-        raise error(f"could not load model {source.spec}: {_first_line(exc)}{hint}") from None
+        raise error(f"could not load model {source.describe()}: {_first_line(exc)}{_hub_hint(source)}") from None
     model.eval()
     if device is not None and torch.device(device).type != "cpu":
         model.to(device)

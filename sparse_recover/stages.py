@@ -23,13 +23,14 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("prune", "sparse-recover prune --run-dir {run} --model ... --method ...", (), True,
-          frozenset({"model.model", "model.device", "calib.batch_size", "prune.offload"})),
+          frozenset({"model.model", "model.device", "calib.batch_size", "prune.offload", "prune.checkpoint_every"})),
     Stage("dsnot", "sparse-recover dsnot --run-dir {run}", ("prune",), True,
-          frozenset({"offload", "batch_size", "device", "dtype", "reference_defaults"})),
+          frozenset({"offload", "batch_size", "device", "dtype", "reference_defaults", "checkpoint_every"})),
     Stage("reconstruct", "sparse-recover reconstruct --run-dir {run}", ("dsnot", "prune"), True,
           frozenset({"offload", "batch_size", "device", "dtype"})),
     Stage("finetune", "sparse-recover finetune --run-dir {run}", ("reconstruct", "dsnot", "prune"), False,
-          frozenset({"log_every", "eval_every", "save_every", "eval_batches", "gradient_checkpointing"})),
+          frozenset({"log_every", "eval_every", "save_every", "eval_batches", "gradient_checkpointing", "shard",
+                     "report_to"})),
     Stage("merge", "sparse-recover merge --run-dir {run}", ("finetune",), True,
           frozenset({"device", "dtype"})),
 )}

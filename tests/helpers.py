@@ -311,14 +311,17 @@ def run_pipeline(cfg, run_dir, *, from_stage: str | None = None, until_stage: st
     return run.run(rc, None if run_dir is None else RunDir(run_dir), force=force)
 
 
-def accelerate_finetune(args, run_dir, cwd, processes: int = 2):
-    """`accelerate launch` of the finetune command on `processes` CPU processes (gloo); returns the result."""
+def accelerate_finetune(args, run_dir, cwd, processes: int = 2, config_file: str | Path | None = None,
+                        env: dict[str, str] | None = None):
+    """`accelerate launch` of the finetune command on `processes` CPU processes (gloo); returns the result.
+    config_file: launch with a shipped accelerate config (its process count and precision overridden)."""
     import os as _os
 
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**_os.environ, "OMP_NUM_THREADS": "1", "SPARSE_RECOVER_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes),
+           "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    launcher = ["--config_file", str(config_file)] if config_file else ["--multi_gpu"]
+    return subprocess.run([str(accelerate), "launch", *launcher, "--num_processes", str(processes),
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
                            "sparse_recover", "finetune", *map(str, args), "--run-dir", str(run_dir)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)

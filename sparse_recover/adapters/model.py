@@ -74,8 +74,14 @@ def trainable_parameters(adapters: dict[str, SparseAdapter]) -> list[nn.Paramete
     return [p for a in adapters.values() for p in a.adapter_parameters().values()]
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 DTensor) parameter gathered to its whole tensor (collective); others as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def adapter_state_dict(adapters: dict[str, SparseAdapter]) -> dict[str, torch.Tensor]:
-    return {f"{name}.{pname}": p.detach().to("cpu").contiguous()
+    """Every adapter weight as a whole host tensor (sharded ones gathered: every process must call it)."""
+    return {f"{name}.{pname}": _whole(p.detach()).to("cpu").contiguous()
             for name, a in adapters.items() for pname, p in a.adapter_parameters().items()}
 
 
@@ -116,7 +122,13 @@ def load_adapter_state(adapters: dict[str, SparseAdapter], state: dict[str, torc
         for key, p in expected.items():
             if tuple(state[key].shape) != tuple(p.shape):
                 raise ConfigError(f"adapter weight {key} has shape {tuple(state[key].shape)}, expected {tuple(p.shape)}")
-            p.copy_(state[key].to(device=p.device, dtype=p.dtype))
+            value = state[key].to(device=p.device, dtype=p.dtype)
+            if hasattr(p, "full_tensor"):  # sharded (FSDP2): this process's part of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                p.to_local().copy_(distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local())
+            else:
+                p.copy_(value)
 
 
 def merge_adapters(adapters: dict[str, SparseAdapter], *, safe_merge: bool = True,

@@ -16,4 +16,8 @@ def run(cfg: DsnotConfig, rd: RunDir, *, force: bool = False) -> dict[str, Any]:
     req = engine.prepare(cfg, rd)
     if not rd.guard("dsnot", req.requested(), force=force, summary=f" (init {req.init}, {cfg.dsnot.targets})"):
         return rd.stage_entry("dsnot")
+    if force:  # starting over: an interrupted pass's snapshot is not resumed
+        from sparse_recover.engine.snapshot import discard_snapshot
+
+        discard_snapshot(rd, "dsnot")
     return engine.dsnot_stage(req, rd)

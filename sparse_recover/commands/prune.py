@@ -16,4 +16,8 @@ def run(cfg: PruneConfig, rd: RunDir, *, force: bool = False) -> dict[str, Any]:
     req = engine.prepare(cfg, rd)
     if not rd.guard("prune", req.requested(), force=force, summary=f" ({req.method.name}, {req.pattern.describe()})"):
         return rd.stage_entry("prune")
+    if force:  # starting over: an interrupted pass's snapshot is not resumed
+        from sparse_recover.engine.snapshot import discard_snapshot
+
+        discard_snapshot(rd, "prune")
     return engine.prune_stage(req, rd)

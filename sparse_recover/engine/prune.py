@@ -35,7 +35,7 @@ def prepare(cfg: PruneConfig, rd: RunDir) -> PruneRequest:
     """Validate everything that can be validated without computing: run directory, model, pattern
     against the layer widths, calibration source. Nothing is written."""
     from sparse_recover.engine.stageio import check_calibration, check_divisible, check_seqlen, resolve_calib_source
-    from sparse_recover.models import load_config, resolve_device, resolve_dtype, resolve_model_source
+    from sparse_recover.models import load_config, resolve_device, resolve_dtype, source_for
     from sparse_recover.pruning import get_method
     from sparse_recover.sparsity.patterns import NM
 
@@ -45,10 +45,10 @@ def prepare(cfg: PruneConfig, rd: RunDir) -> PruneRequest:
     method = get_method(cfg.prune.method)
     device = resolve_device(cfg.model.device)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    source = resolve_model_source(cfg.model.model, convert=False)
+    source = source_for(cfg.model, convert=False)
     if manifest.model is not None and manifest.model.spec != source.spec:
         rd.check_model({"spec": source.spec})
-    source = resolve_model_source(cfg.model.model)  # converts a built-in alias on first use (cache, not RUN)
+    source = source_for(cfg.model)  # converts a built-in alias on first use (cache, not RUN)
     hf_config = load_config(source)
     if isinstance(pattern, NM):
         check_divisible(hf_config, pattern.m)
@@ -62,33 +62,50 @@ def prepare(cfg: PruneConfig, rd: RunDir) -> PruneRequest:
 def prune_stage(req: PruneRequest, rd: RunDir) -> dict[str, Any]:
     """Compute and commit RUN/prune; returns the manifest record."""
     from sparse_recover.data import tensor_sha256
+    from sparse_recover.engine.snapshot import BlockRecorder, resolve_every, stage_snapshot
     from sparse_recover.engine.stageio import (commit_checkpoint, layer_totals, load_or_sample_windows, model_entry,
                                                tokenizer_identity)
-    from sparse_recover.models import load_model, load_tokenizer
+    from sparse_recover.models import decoder_blocks, load_model, load_tokenizer
     from sparse_recover.pruning import PruneSettings
     from sparse_recover.runtime import format_seconds, metered, summary, versions
 
     cfg, method, pattern, calib = req.cfg, req.method, req.pattern, req.calib
     entry_model = model_entry(req.source, req.hf_config)
     rd.check_model(entry_model)
-    tokenizer = load_tokenizer(req.source.path)
+    snap = stage_snapshot(rd, "prune", req.requested(), {"model": entry_model["spec"],
+                                                         "fingerprint": entry_model.get("fingerprint"),
+                                                         "dtype": str(req.dtype).replace("torch.", "")})
+    snap.check()  # an interrupted run with other settings: refused before anything is loaded
+    tokenizer = load_tokenizer(req.source)
     windows, calib_meta, new_windows = None, {}, False
     if method.statistic is not None or cfg.prune.profile != "uniform":
         windows, calib_meta, new_windows = load_or_sample_windows(rd, calib, tokenizer, tokenizer_identity(tokenizer))
+    snap.inputs = {"windows_sha256": tensor_sha256(windows) if windows is not None else None}
     model = load_model(req.source, dtype=req.dtype)
+    blocks_name, model_blocks = decoder_blocks(model)
+    found = snap.find(len(model_blocks))
+    tokens = calib.nsamples * calib.seqlen if method.statistic is not None else 0
+    snap.every = resolve_every(cfg.prune.checkpoint_every, model, tokens)
     settings = PruneSettings(pattern=pattern, rule=cfg.prune.threshold_rule, use_variant=cfg.prune.use_variant,
                              blocksize=cfg.prune.blocksize, percdamp=cfg.prune.percdamp, ria_alpha=cfg.prune.ria_alpha)
     profile: dict[str, Any] = {"profile": cfg.prune.profile}
     with metered() as meter:
         blocks = None
-        if cfg.prune.profile == "owl":
+        stored_owl = (found.state.get("extra") or {}).get("owl") if found is not None else None
+        if cfg.prune.profile == "owl" and stored_owl is None:  # on the dense model, before any restore
             ratios, blocks = owl_profile(model, windows, pattern.sparsity, cfg.prune.owl_m, cfg.prune.owl_lambda,
                                          device=req.device, offload=cfg.prune.offload, batch_size=calib.batch_size)
+        resume = snap.restore(model, found) if found is not None else None
+        if cfg.prune.profile == "owl":
+            if stored_owl is not None:  # the first pass's result, kept with the snapshot
+                ratios, blocks = stored_owl["ratios"], stored_owl["blocks"]
+            snap.extra["owl"] = {"ratios": ratios, "blocks": blocks}
             profile.update(owl_m=cfg.prune.owl_m, owl_lambda=cfg.prune.owl_lambda, outlier_ratios=ratios,
                            block_targets=blocks)
         masks, layers, transposed = prune_model(model, method, settings, windows, device=req.device,
                                                 offload=cfg.prune.offload, batch_size=calib.batch_size,
-                                                propagate=cfg.prune.propagate, block_sparsity=blocks)
+                                                propagate=cfg.prune.propagate, block_sparsity=blocks, resume=resume,
+                                                after_block=BlockRecorder(snap, len(model_blocks), blocks_name))
         timing = meter.stop()
     retried = [k for k, v in layers.items() if v.get("cholesky_retries")]
     if retried:
@@ -111,10 +128,13 @@ def prune_stage(req: PruneRequest, rd: RunDir) -> dict[str, Any]:
                      **profile, "layers": layers},
         **timing,
     }
+    if resume is not None:
+        entry["resumed_at_block"] = resume.start + 1
     commit_checkpoint(rd, "prune", entry, model, tokenizer, masks, transposed, pattern,
                       windows=windows if new_windows else None, calib_meta=calib_meta,
                       log_header=f"prune {method.name} {pattern.describe()} on {req.source.spec}",
                       model_entry=entry_model)
+    snap.discard()  # the stage is committed: its progress is no longer needed
     summary(f"prune: {method.name} {pattern.describe()} on {req.source.spec}: {overall:.2%} sparse over {len(masks)} "
           f"linears in {format_seconds(timing['wall_time_s'])}, peak host memory "
           f"{timing['peak_memory']['host_rss_mib']:.0f} MiB -> {rd.path / 'prune'}")
@@ -144,11 +164,14 @@ def owl_profile(model, windows, target: float, m: float, lam: float, *, device, 
 
 
 def prune_model(model, method, settings, windows, *, device, offload: bool = False, batch_size: int = 1,
-                propagate: str = "pruned", show_progress: bool = True, block_sparsity: list[float] | None = None):
+                propagate: str = "pruned", show_progress: bool = True, block_sparsity: list[float] | None = None,
+                resume=None, after_block=None):
     """Prune every linear of every decoder block in place; returns (masks, per-layer info, transposed names).
 
     block_sparsity: one unstructured target per decoder block (a layer-wise profile such as OWL) instead of
     the settings' pattern. Knows nothing of run directories: the benchmark and the tests call it directly.
+    resume: a snapshot.Resume (the first blocks already pruned in `model`, their masks and stats, the next
+    block's inputs); after_block(i, block, hidden, masks, layers, transposed): called after every block.
     """
     from dataclasses import replace
 
@@ -160,9 +183,14 @@ def prune_model(model, method, settings, windows, *, device, offload: bool = Fal
     from sparse_recover.models import decoder_blocks, is_conv1d, prunable_linears, weight_2d
     from sparse_recover.runtime import progress
 
-    masks: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, Any]] = {}
-    transposed: list[str] = []
+    masks: dict[str, torch.Tensor] = dict(resume.masks) if resume else {}
+    layers: dict[str, dict[str, Any]] = dict(resume.layers) if resume else {}
+    transposed: list[str] = list(resume.transposed) if resume else []
+    start = resume.start if resume else 0
+    on_block = None
+    if after_block is not None:
+        def on_block(i, block, hidden):
+            after_block(i, block, hidden, masks, layers, transposed)
 
     def prune_linears(index: int, prefix: str, linears: dict[str, Any], groups: list[list[str]],
                       stats: dict[str, Any]):
@@ -201,17 +229,24 @@ def prune_model(model, method, settings, windows, *, device, offload: bool = Fal
     bar = (progress(len(blocks), f"prune {method.name} {settings.pattern.name}", unit="block")
            if show_progress else None)
     tick = (lambda i: bar.update(1)) if bar is not None else None
+    if bar is not None and start:
+        bar.update(start)
     try:
         if method.statistic is None:  # data-free: no calibration pass at all
             for i, block in enumerate(blocks):
+                if i < start:
+                    continue
                 lin = prunable_linears(block)
                 prune_linears(i, f"{blocks_name}.{i}", lin, [[n] for n in lin], {})
+                if on_block:
+                    on_block(i, block, None)
                 if tick:
                     tick(i)
         else:
             layerwise(model, windows, lambda ctx: prune_linears(ctx.index, ctx.prefix, ctx.linears, ctx.groups, ctx.stats),
                       statistic=method.statistic, device=device, offload=offload, batch_size=batch_size,
-                      propagate=propagate, progress=tick)
+                      propagate=propagate, progress=tick, start=start,
+                      resume_hidden=resume.hidden if resume else None, after_block=on_block)
     finally:
         if bar is not None:
             bar.close()

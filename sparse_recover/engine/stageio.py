@@ -176,15 +176,16 @@ def load_or_sample_windows(rd: RunDir, calib, tokenizer, tokenizer_id: str):
 
 
 def dense_source(rd: RunDir, needs: str):
-    """The dense base model named in the manifest; one line when it is gone."""
-    from sparse_recover.models import resolve_model_source
+    """The dense base model named in the manifest (with the revision and trust_remote_code prune loaded it
+    with); one line when it is gone."""
+    from sparse_recover.models import source_from_entry
 
     model = rd.manifest().model
     spec = model.spec if model else ""
     if not spec:
         raise RunDirError(f"the manifest of {rd.path} names no base model")
     try:
-        return resolve_model_source(spec)
+        return source_from_entry(model)
     except Exception as exc:  # noqa: BLE001 - any failure here means the base is gone
         raise RunDirError(f"the dense base model {spec!r} named in the manifest is no longer available ({exc}); "
                           f"{needs}") from None
@@ -249,13 +250,16 @@ def inputs_identity(rd: RunDir, *stages: str) -> dict[str, str | None]:
 
 
 def layerwise_with_progress(model, windows, process, label: str, *, show_progress: bool = True, **kwargs) -> None:
-    """calibration.layerwise over every decoder block with one progress bar (unit: block)."""
+    """calibration.layerwise over every decoder block with one progress bar (unit: block); a resumed pass
+    (`start` > 0) starts its bar at the blocks already done."""
     from sparse_recover.calibration import layerwise
     from sparse_recover.models import decoder_blocks
     from sparse_recover.runtime import progress
 
     _, blocks = decoder_blocks(model)
     bar = progress(len(blocks), label, unit="block") if show_progress else None
+    if bar is not None and kwargs.get("start"):
+        bar.update(kwargs["start"])
     try:
         layerwise(model, windows, process, progress=(lambda i: bar.update(1)) if bar else None, **kwargs)
     finally:
@@ -271,7 +275,7 @@ def dense_calibration(rd: RunDir, runtime, batch_size: int, needs: str):
     source = dense_source(rd, needs)
     dev = resolve_device(runtime.device)
     dt = resolve_dtype(runtime.dtype, dev)
-    tokenizer = load_tokenizer(source.path)
+    tokenizer = load_tokenizer(source)
     calib = prune_calib(rd, batch_size=batch_size)
     windows, calib_meta, new_windows = load_or_sample_windows(rd, calib, tokenizer, tokenizer_identity(tokenizer))
     return source, dev, dt, tokenizer, calib, windows, calib_meta, new_windows

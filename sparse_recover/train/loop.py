@@ -51,6 +51,7 @@ class TrainSettings:
     save_every: int = 200
     log_every: int = 10
     gradient_checkpointing: bool = False
+    shard: str = "none"  # "fsdp": FSDP2 over the launched processes (train/shard.py)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None
+    shard: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -129,9 +131,14 @@ def train(model, adapters: dict[str, Any], data, settings: TrainSettings, accele
           on_checkpoint: Callable[[Path], None] | None = None, distiller=None) -> TrainResult:
     trainer = Trainer(model, adapters, data, settings, accelerator, pad_id=pad_id, work_dir=work_dir,
                       on_checkpoint=on_checkpoint, distiller=distiller)
-    if resume:
-        trainer.resume()
-    return trainer.run(describe)
+    try:
+        if resume:
+            trainer.resume()
+        result = trainer.run(describe)
+        result.shard = trainer.shard_info
+        return result
+    finally:
+        trainer.close()
 
 
 class Trainer:
@@ -148,6 +155,11 @@ class Trainer:
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.plan = BatchPlan(len(data.train), settings, self.world, self.rank)
         self.total = self.plan.total_steps
+        self.shard_group = None
+        self.sharded = settings.shard == "fsdp"
+        self.shard_info: dict[str, Any] = {}
+        if self.sharded:  # before the optimizer: fully_shard replaces every parameter by its DTensor shard
+            self.shard_info = self._shard()
         self.params = trainable_parameters(adapters)
         optimizer = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.scheduler = build_scheduler(optimizer, settings.scheduler, self.total,
@@ -156,16 +168,35 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         model.train()
-        self.wrapped, self.optimizer = accelerator.prepare(model, optimizer)
+        if self.sharded:  # accelerate would wrap the model in DDP: the sharded model trains as it is
+            self.wrapped, self.optimizer = model, optimizer
+        else:
+            self.wrapped, self.optimizer = accelerator.prepare(model, optimizer)
         self.progress = Progress()
         self.resumed_from: int | None = None
+
+    def _shard(self) -> dict[str, Any]:
+        """fully_shard the model (train/shard.py); what each process holds of the decoder blocks."""
+        from sparse_recover.train.shard import ShardGroup, check_shard, decoder_bytes, shard_model
+
+        check_shard("fsdp")
+        self.shard_group = ShardGroup(self.acc.device, self.world)
+        units = shard_model(self.model, self.shard_group)
+        local, total = decoder_bytes(self.model)
+        held = [int(b) for b in self.acc.gather(torch.tensor([local], device=self.acc.device)).cpu().tolist()]
+        return {"kind": "fsdp2", "processes": self.shard_group.world, "units": len(units),
+                "decoder_bytes": total, "decoder_bytes_per_process": held}
+
+    def close(self) -> None:
+        if self.shard_group is not None:
+            self.shard_group.close()
 
     def resume(self) -> None:
         ckpt = latest_checkpoint(self.work_dir)
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint in {self.work_dir}")
         self.progress = load_checkpoint(ckpt, self.rank, adapters=self.adapters, optimizer=self.optimizer,
-                                        scheduler=self.scheduler)
+                                        scheduler=self.scheduler, sharded=self.sharded)
         self.resumed_from = self.progress.step
 
     def run(self, describe: str) -> TrainResult:
@@ -197,6 +228,7 @@ class Trainer:
         """Optimizer step `step` (0-based): forward/backward, update, log, and evaluate / save when due."""
         mean_loss, gnorm, step_tokens = self.accumulate(step)
         self.check_finite(step, mean_loss, gnorm)
+        [print("DBG", type(p).__name__, type(p.grad).__name__, p.shape) for p in self.params if type(p.grad).__name__ != "DTensor"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,16 +238,23 @@ class Trainer:
         record = {"step": done, "loss": round(mean_loss, 6), "lr": self.scheduler.get_last_lr()[0],
                   "grad_norm": round(gnorm, 6), "tokens": p.tokens, **self.step_parts}
         p.history.append(record)
+        if self.acc.log_with:  # accelerate's trackers (--report-to); the main process writes
+            self.acc.log({"train/loss": mean_loss, "train/lr": record["lr"], "train/grad_norm": gnorm,
+                          "train/tokens_per_s": float(meter.rate(p.tokens)),
+                          **{f"train/{k}": v for k, v in self.step_parts.items()}}, step=done)
         if bar is not None:
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=meter.rate(p.tokens))
             bar.update(1)
         if done % self.s.eval_every == 0 or done == self.total:
             p.evals.append({"step": done, **self.evaluate()})
+            if self.acc.log_with:
+                self.acc.log({"eval/loss": p.evals[-1]["eval_loss"], "eval/ppl": p.evals[-1]["eval_ppl"]}, step=done)
             if bar is not None:
                 bar.write(f"step {done}: eval loss {p.evals[-1]['eval_loss']:.4f} (ppl {p.evals[-1]['eval_ppl']:.3f})")
         if done % self.s.save_every == 0 or done == self.total:
             save_checkpoint(self.acc, self.work_dir, p, total=self.total, adapters=self.adapters,
-                            optimizer=self.optimizer, scheduler=self.scheduler, on_checkpoint=self.on_checkpoint)
+                            optimizer=self.optimizer, scheduler=self.scheduler, on_checkpoint=self.on_checkpoint,
+                            sharded=self.sharded)
 
     def accumulate(self, step: int) -> tuple[float, float, int]:
         """Gradients of step `step` summed over this process's micro-batches, then clipped:
@@ -229,7 +268,11 @@ class Trainer:
             batch = device_batch(self.data.train, chunk, self.pad_id, acc.device)
             step_tokens += int(batch["attention_mask"].sum())
             sync = j == len(micro) - 1
-            ctx = acc.no_sync(self.wrapped) if (not sync and self.world > 1) else nullcontext()
+            if self.sharded:  # FSDP2: reduce-scatter the gradients only after the last micro-batch
+                self.wrapped.set_requires_gradient_sync(sync)
+                ctx = nullcontext()
+            else:
+                ctx = acc.no_sync(self.wrapped) if (not sync and self.world > 1) else nullcontext()
             with ctx, acc.autocast():
                 if self.distiller is None:
                     loss = self.wrapped(**batch, use_cache=False).loss / len(micro)
@@ -238,11 +281,19 @@ class Trainer:
                     loss = loss / len(micro)
                     for k, v in terms.items():
                         parts[k] = parts.get(k, 0.0) + v.double() / len(micro)
-                acc.backward(loss)
+                if self.sharded:
+                    loss.backward()
+                else:
+                    acc.backward(loss)
             step_loss += loss.detach().double()
         grad_norm = None
         if self.s.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(self.params, self.s.max_grad_norm)
+            if self.sharded:  # the norm of the sharded gradients (all-reduced), as one replicated value
+                from sparse_recover.train.shard import full
+
+                grad_norm = full(torch.nn.utils.clip_grad_norm_(self.params, self.s.max_grad_norm))
+            else:
+                grad_norm = acc.clip_grad_norm_(self.params, self.s.max_grad_norm)
         mean_loss = float(acc.reduce(step_loss, "mean"))
         self.step_parts = {k: round(float(acc.reduce(v, "mean")), 6) for k, v in parts.items()}  # distillation terms
         return mean_loss, float(grad_norm) if grad_norm is not None else 0.0, step_tokens
@@ -265,12 +316,18 @@ class Trainer:
         chunks = consecutive_chunks(len(val), self.s.micro_batch_size)
         if self.s.eval_batches is not None:
             chunks = chunks[: self.s.eval_batches]
+        rounds = math.ceil(len(chunks) / self.world)
         with torch.no_grad():
-            for j, chunk in enumerate(chunks):
+            for j in range(rounds * self.world if self.sharded else len(chunks)):
                 if j % self.world != self.rank:
                     continue
-                batch = device_batch(val, chunk, self.pad_id, acc.device)
+                # sharded: every process runs as many forwards (each all-gathers); a process without a
+                # chunk in the last round runs the first one again and discards it
+                idle = j >= len(chunks)
+                batch = device_batch(val, chunks[0 if idle else j], self.pad_id, acc.device)
                 out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                if idle:
+                    continue
                 logits = out.logits[:, :-1].float()
                 labels = batch["labels"][:, 1:]
                 ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),

@@ -79,8 +79,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(accelerator, work_dir: Path, progress: Progress, *, total: int, adapters, optimizer, scheduler,
-                    on_checkpoint: Callable[[Path], None] | None = None) -> None:
-    """Checkpoint `progress.step` on every process together (collective: all processes call it)."""
+                    on_checkpoint: Callable[[Path], None] | None = None, sharded: bool = False) -> None:
+    """Checkpoint `progress.step` on every process together (collective: all processes call it).
+
+    sharded (FSDP2): adapters and optimizer state are gathered to whole tensors first, on every process,
+    so the files have the unsharded layout whatever the run's sharding."""
     from safetensors.torch import save_file
 
     from sparse_recover.adapters.model import adapter_state_dict
@@ -96,9 +99,13 @@ def save_checkpoint(accelerator, work_dir: Path, progress: Progress, *, total: i
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if sharded:
+        from sparse_recover.train.shard import full_optimizer_state
+
+        weights, opt_state = adapter_state_dict(adapters), full_optimizer_state(optimizer)
     if main:
-        save_file(adapter_state_dict(adapters), str(tmp / ADAPTER_FILE))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(adapter_state_dict(adapters) if not sharded else weights, str(tmp / ADAPTER_FILE))
+        torch.save(optimizer.state_dict() if not sharded else opt_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if main:
@@ -132,13 +139,19 @@ def read_progress(ckpt: Path) -> Progress:
                     evals=state.get("evals", []))
 
 
-def load_checkpoint(ckpt: Path, rank: int, *, adapters, optimizer, scheduler) -> Progress:
-    """Restore adapters, optimizer, scheduler and this process's RNG from `ckpt`; its progress."""
+def load_checkpoint(ckpt: Path, rank: int, *, adapters, optimizer, scheduler, sharded: bool = False) -> Progress:
+    """Restore adapters, optimizer, scheduler and this process's RNG from `ckpt`; its progress (sharded:
+    each process takes its shard of the whole tensors the checkpoint holds)."""
     from sparse_recover.adapters.model import load_adapter_state
 
     progress = read_progress(ckpt)
     load_adapter_state(adapters, load_safetensors(ckpt / ADAPTER_FILE, what="adapter weights"))
-    optimizer.load_state_dict(load_torch(ckpt / "optimizer.pt", what="optimizer state"))
+    opt_state = load_torch(ckpt / "optimizer.pt", what="optimizer state")
+    if sharded:
+        from sparse_recover.train.shard import shard_optimizer_state
+
+        opt_state = shard_optimizer_state(opt_state, optimizer)
+    optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(load_torch(ckpt / "scheduler.pt", what="scheduler state"))
     rng_file = ckpt / f"rng-{rank}.pt"
     if rng_file.is_file():  # absent when resuming on more processes than the run started with
