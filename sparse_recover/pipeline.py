@@ -97,7 +97,9 @@ def requested_config(cfg: PipelineConfig, stage: str, model_kind: str, prune_met
     if stage == "finetune":
         return {**cfg.finetune.resolved(), "from_stage": finetune_source(cfg)}
     if stage == "merge":
-        return {"ppl_windows": cfg.merge.ppl_windows, "ppl_seqlen": cfg.merge.ppl_seqlen}
+        from sparse_recover.engine.merge import requested_settings
+
+        return requested_settings(cfg.merge)
     return {}
 
 
@@ -126,19 +128,20 @@ class Pipeline:
     def preflight(self, selected: list[str]) -> dict[str, str]:
         """Validate everything that can be validated before the first stage runs; returns the action
         per selected stage: run | resume | skip | redo."""
-        from sparse_recover.models import resolve_model_source
+        from sparse_recover.models import source_for
 
         rd, cfg = self.rd, self.cfg
         rd.check_location()
         manifest = rd.read()
-        self.source = resolve_model_source(cfg.model.model, convert=False)
+        self.source = source_for(cfg.model, convert=False)
         current = manifest.get("model") or {}
         if current.get("spec") and current["spec"] != self.source.spec:
             rd.check_model({"spec": self.source.spec})
         needs_model = any(s in selected for s in ("prune", "dsnot")) or (
             "eval" in selected and "dense" in cfg.eval_stages())
         if needs_model:
-            self.source = check_reachable(cfg.model.model)
+            self.source = check_reachable(cfg.model.model, revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
         if "eval" in selected:
             harness = [t for t in cfg.eval.tasks if t != "ppl"]
             if harness:
@@ -200,6 +203,10 @@ class Pipeline:
         ppl = "eval" in selected and "ppl" in cfg.eval.tasks
         if ppl:
             check_data_source(resolve_ppl_source(cfg.eval.ppl_data, kind), "perplexity data")
+        if "merge" in selected:
+            from sparse_recover.engine.merge import check_ppl_source
+
+            check_ppl_source(cfg.merge.ppl_data, kind)
         source = self.source if model_loaded else None  # pruning keeps the architecture: the base model's context
         if source is None and self.rd.is_complete("prune"):
             prune_dir = str(self.rd.stage_dir("prune"))
@@ -371,22 +378,24 @@ def finetune_resumable(rd: RunDir) -> bool:
     return latest_checkpoint(rd.path / WORK_DIR) is not None
 
 
-def check_reachable(spec: str):
+def check_reachable(spec: str, *, revision: str | None = None, trust_remote_code: bool = False):
     """Resolve the model (converting a built-in alias on first use) and load its config, so a hub id
-    with no network fails now, in one line, rather than after the first stages."""
+    with no network (or a revision that is not cached) fails now, in one line, rather than after the
+    first stages."""
     import os
 
     from sparse_recover.models import load_config, resolve_model_source
 
-    source = resolve_model_source(spec)
+    source = resolve_model_source(spec, revision=revision, trust_remote_code=trust_remote_code)
     try:
         load_config(source)
     except ModelSourceError:
         if source.kind != "hub":
             raise
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        what = f"model {source.spec}" + (f" at revision {source.revision}" if source.revision else "")
         raise ModelSourceError(
-            f"model {source.spec} cannot be reached: it needs the Hugging Face hub "
+            f"{what} cannot be reached: it needs the Hugging Face hub "
             f"({'HF_HUB_OFFLINE=1 is set and ' if offline else ''}it is not in the local cache); "
             "download it once with network access, or point model.model at a local folder") from None
     return source
@@ -397,6 +406,8 @@ def run_pipeline(cfg: PipelineConfig, rd: RunDir, selected: list[str], *, force:
     """Check everything, then run the selected stages (see `select`)."""
     pipe = Pipeline(cfg, rd, force=force, echo=echo, config_file=config_file)
     actions = pipe.preflight(selected)
+    for line in unevaluated_notes(cfg):
+        echo(line)
     return pipe.execute(selected, actions)
 
 
@@ -405,4 +416,49 @@ def dry_run(cfg: PipelineConfig, rd: RunDir | None, selected: list[str],
     """The plan of `run --dry-run` (plan.py): stages, checkpoints, memory estimates; nothing runs."""
     from sparse_recover.plan import show
 
-    return show(cfg, None if rd is None else str(rd.path), selected, echo=echo)
+    plan = show(cfg, None if rd is None else str(rd.path), selected, echo=echo)
+    notes = unevaluated_notes(cfg)
+    for line in notes:
+        echo(line)
+    plan["notes"] = notes
+    return plan
+
+
+def unevaluated_notes(cfg: PipelineConfig) -> list[str]:
+    """What the pipeline trains but never measures: adapters are evaluated only through merge (eval reads
+    checkpoints), so a fine-tune without a merge, or a merge that eval.stages leaves out, is said so."""
+    if not cfg.enabled("finetune"):
+        return []
+    if not cfg.enabled("merge"):
+        return ["note: this pipeline fine-tunes but has no merge stage, so the fine-tuned model is not evaluated "
+                "(eval reads checkpoints; adapters become one through merge): add a `merge: {}` section, or "
+                "--set merge.enabled=true"]
+    if cfg.eval is not None and cfg.eval.stages is not None and "merge" not in cfg.eval.stages:
+        return ["note: eval.stages leaves out merge, so the fine-tuned model is not evaluated: add merge to "
+                "eval.stages"]
+    return []
+
+
+def load_pipeline(path: str, overrides: list[str] = ()) -> PipelineConfig:
+    """The PipelineConfig of a YAML file with `--set` overrides, validated whole.
+
+    A problem is one ConfigError line naming the file (an unknown key with its did-you-mean). When
+    `--set model.model=...` swaps the model, a `description` naming the old model names the new one, and
+    one that does not mention it is dropped (it would describe another model).
+    """
+    from sparse_recover.config import apply_overrides, load_yaml, validate_pipeline
+
+    data = load_yaml(path)
+    before = data.get("model", {}).get("model") if isinstance(data.get("model"), dict) else None
+    data = apply_overrides(data, list(overrides))
+    after = data.get("model", {}).get("model") if isinstance(data.get("model"), dict) else None
+    explicit_description = any(o.partition("=")[0].strip() == "description" for o in overrides)
+    if before is not None and after != before and isinstance(data.get("description"), str) \
+            and not explicit_description:
+        text = data["description"]
+        data["description"] = text.replace(str(before), str(after)) if str(before) in text else ""
+    try:
+        return validate_pipeline(data)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("invalid configuration:", f"invalid configuration in {path}:", 1)) \
+            from None

@@ -8,6 +8,24 @@ DSnoT's per-row sort buffers), the whole model, and the activation sizes. It is 
 memory, meant to be right within a small factor; the host figures add a fixed allowance for the Python
 runtime (torch, transformers). Whether `--offload` is needed is judged against the free memory of
 the GPU at hand, or the available host RAM on a CPU-only machine.
+
+Prune and dsnot also show their progress snapshots (engine/snapshot.py): the cadence K (the configured
+`checkpoint_every`, else the automatic one) and the largest disk footprint of RUN/.<stage>.partial: the
+finished blocks' weights and packed masks, and two generations of activations, each nsamples x seqlen x
+hidden in the calibration dtype.
+
+Below the plan for the device at hand, the same estimates per process at scale (`show_scale`): on 1, 2 and 8
+GPUs in the run's dtype (bfloat16 for `dtype: auto`; float32 CPU processes for a config pinned to the CPU).
+Prune, dsnot, reconstruct, merge, audit and eval run on one process: one row each, "any P". Fine-tuning has a
+row per process count for DDP (every process holds the whole model) and FSDP2 (`finetune.shard: fsdp`: 1/P of
+every weight, the gathered blocks and root, 1/P of the adapters' optimizer state); both hold a micro-batch's
+activations. Fine-tuning loads the whole checkpoint onto each process's device before sharding it, so under
+FSDP2 the load is the peak where it exceeds the sharded training, and the row says both. Each row gives the
+disk of its stage folder; the snapshot lines and fine-tuning's checkpoints follow.
+
+A hub model that cannot be reached (no network, not in the cache) but that the built-in table of paper models
+knows (shapes.py) is planned from the table, and the plan's first line says so (BUILTIN_SHAPE_NOTE and the
+reason); any other model that cannot be reached is the usual one-line error.
 """
 
 from __future__ import annotations
@@ -53,8 +71,8 @@ class ModelFacts:
         return max(i for _, _, i in self.linears)
 
 
-def hf_config_offline(spec: str):
-    """The HF config of a model without reading (or downloading) its weights."""
+def hf_config_offline(spec: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The HF config of a model without reading (or downloading) its weights (hub: at `revision`)."""
     from transformers import AutoConfig
 
     from sparse_recover.models import BUILTIN_MODELS, _package_folder, builtin_checkpoint, load_config, \
@@ -73,7 +91,8 @@ def hf_config_offline(spec: str):
     from sparse_recover.pipeline import check_reachable
 
     if source.kind == "hub":
-        source = check_reachable(spec)  # one line naming the model when the hub is needed
+        # one line naming the model (and revision) when the hub is needed
+        source = check_reachable(spec, revision=revision, trust_remote_code=trust_remote_code)
     return load_config(source), source
 
 
@@ -127,6 +146,7 @@ class Estimate:
     parts: dict[str, int] = field(default_factory=dict)  # the largest terms, for the curious
     note: str = ""
     offloaded: int | None = None  # prune/dsnot: the device peak with --offload
+    snapshot: dict[str, Any] | None = None  # prune/dsnot: {"every": K or None, "bytes": disk, "parts": {...}}
 
 
 def _forward_work(f: ModelFacts, batch: int, seqlen: int, nbytes: int) -> int:
@@ -167,10 +187,10 @@ def estimates(cfg: PipelineConfig, f: ModelFacts, stages: list[str], *, on_gpu: 
     c = cfg.calib
     out: list[Estimate] = []
 
-    def add(stage, reads, writes, parts, host_extra, note="", offloaded=None):
+    def add(stage, reads, writes, parts, host_extra, note="", offloaded=None, snapshot=None):
         dev = sum(parts.values())
         host = RUNTIME_HOST + host_extra + (0 if on_gpu else dev)
-        out.append(Estimate(stage, reads, writes, dev, host, parts, note, offloaded))
+        out.append(Estimate(stage, reads, writes, dev, host, parts, note, offloaded, snapshot))
 
     def layerwise(method, batch, offload):
         kw = dict(nsamples=c.nsamples, seqlen=c.seqlen, batch=batch, nbytes=nb, on_gpu=on_gpu, method=method)
@@ -185,12 +205,14 @@ def estimates(cfg: PipelineConfig, f: ModelFacts, stages: list[str], *, on_gpu: 
         parts, offloaded = layerwise(cfg.prune.method, c.batch_size, cfg.prune.offload)
         host = (weights if on_gpu else 0) + windows + masks + load
         add("prune", f"model {source_label}; calib {c.source} {c.nsamples}x{c.seqlen}", "prune/ calib/", parts, host,
-            offloaded=offloaded)
+            offloaded=offloaded, snapshot=snapshot_estimate(f, cfg.prune.checkpoint_every, c.nsamples, c.seqlen, nb,
+                                                            calibrated=_calibrates(cfg)))
     if "dsnot" in stages:
         d = cfg.dsnot
         parts, offloaded = layerwise("dsnot", d.batch_size, d.offload)
         host = (weights if on_gpu else 0) + windows + 2 * masks + load  # dense model + stored and new masks
-        add("dsnot", f"prune/ (masks) calib/, dense model {source_label}", "dsnot/", parts, host, offloaded=offloaded)
+        add("dsnot", f"prune/ (masks) calib/, dense model {source_label}", "dsnot/", parts, host, offloaded=offloaded,
+            snapshot=snapshot_estimate(f, d.checkpoint_every, c.nsamples, c.seqlen, nb, calibrated=True))
     if "reconstruct" in stages:  # SparseGPT's sweep with the stored masks fixed: SparseGPT's terms
         rc = cfg.reconstruct
         parts, offloaded = layerwise("sparsegpt", rc.batch_size, rc.offload)
@@ -199,30 +221,16 @@ def estimates(cfg: PipelineConfig, f: ModelFacts, stages: list[str], *, on_gpu: 
         add("reconstruct", f"{src}/ (masks) calib/, dense model {source_label}", "reconstruct/", parts, host,
             offloaded=offloaded)
     if "finetune" in stages:
-        ft = cfg.finetune.resolved()
-        r, mb, L = ft["rank"], ft["micro_batch_size"], ft["seqlen"]
-        targets = [(n, o, i) for n, o, i in f.linears if any(n.endswith(t) for t in ft["targets"])]
-        if ft["method"] == "spp":
-            adapter = f.n_blocks * sum(r * i + o for _, o, i in targets)
-        else:
-            adapter = f.n_blocks * sum(r * (i + o) for _, o, i in targets)
-        per_layer_tokens = (8 * f.hidden + 5 * f.intermediate) * nb
-        if ft["gradient_checkpointing"]:
-            acts = mb * L * (f.n_blocks * f.hidden * nb + per_layer_tokens)
-        else:
-            acts = mb * L * f.n_blocks * per_layer_tokens + mb * f.heads * L * L * nb
-        widest = max((o * i for _, o, i in targets), default=0)
+        t = finetune_terms(cfg, f, nb)
         parts = {
             "weights": weights,
-            "adapters+grads+adamw": adapter * 16,  # fp32 parameter, gradient, two moments
-            "activations": acts,
-            "logits": 3 * mb * L * f.vocab * 4,  # logits, their float32 upcast and gradient
-            "merged-weight transient": widest * nb * (0 if ft["method"] == "spp" else 2),
+            "adapters+grads+adamw": t["adapter"] * 16,  # fp32 parameter, gradient, two moments
+            "activations": t["activations"],
+            "logits": t["logits"],
+            "merged-weight transient": t["transient"],
         }
-        host = (weights if on_gpu else 0) + load
-        if ft["method"] == "lors" and ft["ga_init"]:  # dense-shaped float32 gradients offloaded to the host
-            host += f.n_blocks * sum(o * i for _, o, i in targets) * 4
-        add("finetune", f"{finetune_source(cfg)}/ (checkpoint, masks); data {ft['data']}",
+        host = (weights if on_gpu else 0) + load + t["ga_host"]
+        add("finetune", f"{finetune_source(cfg)}/ (checkpoint, masks); data {t['data']}",
             "finetune/ (adapters, training state)", parts, host)
     if "merge" in stages:
         parts = {"weights": weights, "masks": masks, "fp32 merge of the widest linear": 2 * f.widest[1] * f.widest[2] * 4}
@@ -239,6 +247,170 @@ def estimates(cfg: PipelineConfig, f: ModelFacts, stages: list[str], *, on_gpu: 
         add("eval", ", ".join(s if s == "dense" else s + "/" for s in cfg.eval_stages()),
             "eval/<stage>.json", parts, (weights if on_gpu else 0) + load, note=", ".join(ev.tasks))
     return out
+
+
+def finetune_terms(cfg: PipelineConfig, f: ModelFacts, nb: int) -> dict[str, Any]:
+    """The fine-tuning stage's sizes, per process and micro-batch: trainable adapter parameters (float32),
+    training activations, logits, the transient merged weight, and the host-side LoRS gradient init."""
+    ft = cfg.finetune.resolved()
+    r, mb, L = ft["rank"], ft["micro_batch_size"], ft["seqlen"]
+    targets = [(n, o, i) for n, o, i in f.linears if any(n.endswith(t) for t in ft["targets"])]
+    if ft["method"] == "spp":
+        adapter = f.n_blocks * sum(r * i + o for _, o, i in targets)
+    else:
+        adapter = f.n_blocks * sum(r * (i + o) for _, o, i in targets)
+    per_layer_tokens = (8 * f.hidden + 5 * f.intermediate) * nb
+    if ft["gradient_checkpointing"]:
+        acts = mb * L * (f.n_blocks * f.hidden * nb + per_layer_tokens)
+    else:
+        acts = mb * L * f.n_blocks * per_layer_tokens + mb * f.heads * L * L * nb
+    widest = max((o * i for _, o, i in targets), default=0)
+    ga = ft["method"] == "lors" and ft["ga_init"]
+    return {
+        "adapter": adapter,
+        "activations": acts,
+        "logits": 3 * mb * L * f.vocab * 4,  # logits, their float32 upcast and gradient
+        "transient": widest * nb * (0 if ft["method"] == "spp" else 2),
+        # LoRS's gradient init: dense-shaped float32 gradients offloaded to the host, computed on the model
+        # before it is wrapped (unsharded), one target's dense gradient on the device at a time
+        "ga_host": f.n_blocks * sum(o * i for _, o, i in targets) * 4 if ga else 0,
+        "ga_device": widest * 4 if ga else 0,
+        "data": ft["data"],
+        "shard": ft["shard"],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# at scale: per process on 1, 2 and 8 accelerators, and the disk of each stage
+
+SCALE_PROCESSES = (1, 2, 8)
+SINGLE_PROCESS = ("prune", "dsnot", "reconstruct", "merge", "audit", "eval")  # one process whatever P is
+
+
+@dataclass
+class ScaleRow:
+    stage: str
+    processes: int | None  # None: a single-process stage (the same row for any P)
+    mode: str  # finetune: "DDP" | "FSDP2"; "" otherwise
+    device: int | None  # peak accelerator bytes per process (None: CPU processes, every figure is host)
+    host: int  # peak host bytes per process, runtime allowance included
+    disk: int  # the stage folder (prune: with calib/)
+    parts: dict[str, int] = field(default_factory=dict)
+    offloaded: int | None = None  # layer-wise stages: the accelerator peak with offload
+    train: int | None = None  # FSDP2: the sharded training peak alone (`device` also counts the load)
+    load: int | None = None  # FSDP2: the load peak (the whole checkpoint on the device before sharding)
+
+
+def scale_dtype(cfg: PipelineConfig) -> tuple[str, int, bool]:
+    """(dtype, bytes per weight, on accelerators) of the at-scale figures: the configured dtype on GPUs
+    (auto: bfloat16); a config pinned to the CPU runs float32 CPU processes (auto)."""
+    on_gpu = cfg.model.device != "cpu"
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    dtype = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
+    return dtype, _BYTES.get(dtype, 4), on_gpu
+
+
+def stage_disk(cfg: PipelineConfig, f: ModelFacts, stage: str, nb: int) -> dict[str, int]:
+    """Bytes a stage leaves on disk, by file: a checkpoint stage's weights (in the run's dtype) and its
+    bit-packed masks (plus prune's calibration windows, int64); finetune's adapters and training state
+    (float32: the adapters, then AdamW's two moments), and the largest .finetune.partial (the newest two
+    checkpoints and one being written)."""
+    masks = f.n_blocks * sum(o * -(-i // 8) for _, o, i in f.linears)
+    if stage in ("prune", "dsnot", "reconstruct", "merge"):
+        out = {"weights": f.params * nb, "masks": masks}
+        if stage == "prune":
+            out["calib/"] = cfg.calib.nsamples * cfg.calib.seqlen * 8
+        return out
+    if stage == "finetune":
+        a = finetune_terms(cfg, f, nb)["adapter"]
+        from sparse_recover.train.state import KEEP_CHECKPOINTS
+
+        return {"adapters": 4 * a, "training_state": 12 * a, "partial": (KEEP_CHECKPOINTS + 1) * 12 * a}
+    return {}  # audit: the manifest; eval: a JSON file per stage
+
+
+def scale_estimates(cfg: PipelineConfig, f: ModelFacts, stages: list[str], *,
+                    processes: tuple[int, ...] = SCALE_PROCESSES) -> list[ScaleRow]:
+    """Per-process peaks on 1, 2 and 8 accelerators. The layer-wise stages, merge, audit and eval run on one
+    process: one row each. Fine-tuning has a row per process count for DDP (every process holds the whole
+    model, its adapters and their optimizer state) and for FSDP2 (`finetune.shard: fsdp`, train/shard.py:
+    every parameter split over the P processes, one unit per decoder block plus the root; a block is
+    all-gathered for its forward and again for its backward, the next one prefetched, and the root (embeddings,
+    final norm, head) stays gathered through the step). Activations and logits are a micro-batch's on every
+    process. The host holds, per process, what loading the checkpoint costs (each process loads it whole)."""
+    _, nb, on_gpu = scale_dtype(cfg)
+    base = {e.stage: e for e in estimates(cfg, f, [s for s in stages if s != "finetune"], on_gpu=on_gpu,
+                                          source_label=f.name)}
+    rows: list[ScaleRow] = []
+    for stage in stages:
+        disk = sum(v for k, v in stage_disk(cfg, f, stage, nb).items() if k != "partial")
+        if stage != "finetune":
+            e = base[stage]
+            rows.append(ScaleRow(stage, None, "", e.device if on_gpu else None, e.host, disk, e.parts,
+                                 offloaded=e.offloaded))
+            continue
+        t = finetune_terms(cfg, f, nb)
+        weights = f.params * nb
+        host = RUNTIME_HOST + (weights if on_gpu else 0) + 2 * weights + t["ga_host"]
+        micro = {"activations": t["activations"], "logits": t["logits"], "merged-weight transient": t["transient"]}
+        # LoRS's gradient init runs on the loaded model before it is wrapped or sharded: a micro-batch's
+        # forward and backward with one target's dense float32 gradient
+        ga_pass = t["activations"] + t["logits"] + t["ga_device"] if t["ga_device"] else 0
+        for p in processes:
+            ddp = {"weights": weights, "adapters+grads+adamw": 16 * t["adapter"],
+                   # DDP's gradient buckets: a second float32 copy of the adapters' gradients
+                   "ddp buckets": 4 * t["adapter"] if p > 1 else 0, **micro}
+            dev = max(sum(ddp.values()), weights + ga_pass)
+            rows.append(ScaleRow(stage, p, "DDP", dev if on_gpu else None, host + (0 if on_gpu else dev), disk, ddp))
+            decoder = f.n_blocks * f.block_params * nb
+            root = f.outside_blocks * nb
+            fsdp = {"decoder shard": -(-decoder // p), "root shard + gathered": -(-root // p) + root,
+                    "gathered blocks": 2 * f.block_params * nb,  # the one in use and the prefetched one
+                    "adapters+grads+adamw shard": -(-16 * t["adapter"] // p), **micro}
+            train = sum(fsdp.values())
+            # sharded, finetune reads the checkpoint into host memory (and runs LoRS's gradient init there);
+            # fully_shard then moves one decoder block at a time to the device and keeps its shard
+            # (engine/finetune.py: load_dev, train/shard.py): the device never holds more than one whole block
+            load = f.block_params * nb
+            dev = max(train, load)
+            fsdp_host = host + (ga_pass if on_gpu else 0)
+            rows.append(ScaleRow(stage, p, "FSDP2", dev if on_gpu else None, fsdp_host + (0 if on_gpu else dev),
+                                 disk, fsdp, train=train, load=load))
+    return rows
+
+
+def _calibrates(cfg: PipelineConfig) -> bool:
+    from sparse_recover.pruning import get_method
+
+    return cfg.prune.profile != "uniform" or get_method(cfg.prune.method).statistic is not None
+
+
+def snapshot_estimate(f: ModelFacts, every: int | None, nsamples: int, seqlen: int, nbytes: int, *,
+                      calibrated: bool) -> dict[str, Any]:
+    """The snapshot cadence of a layer-wise stage and the largest disk footprint of its snapshots."""
+    from sparse_recover.engine.snapshot import auto_checkpoint_every, snapshot_bytes
+
+    tokens = nsamples * seqlen if calibrated else 0
+    auto = every is None
+    if auto:
+        every = auto_checkpoint_every(f.params, f.block_params, tokens)
+    parts = snapshot_bytes(n_blocks=f.n_blocks, block_params=f.block_params,
+                           linear_elems_per_block=sum(o * i for _, o, i in f.linears),
+                           nsamples=nsamples if calibrated else 0, seqlen=seqlen, hidden=f.hidden, nbytes=nbytes,
+                           every=every)
+    return {"every": every, "auto": auto, "bytes": sum(parts.values()), "parts": parts}
+
+
+def _snapshot_line(stage: str, snap: dict[str, Any], n_blocks: int) -> str:
+    every = snap["every"]
+    if not every:
+        return (f"no progress snapshots (model under 1B parameters or data-free; set {stage}.checkpoint_every "
+                "to take them)")
+    if not snap["bytes"]:
+        return f"no progress snapshots (checkpoint every {every} blocks, the model has {n_blocks})"
+    detail = ", ".join(f"{k} {_fmt(v)}" for k, v in snap["parts"].items() if v)
+    return (f"snapshot every {every} blocks{' (auto)' if snap['auto'] else ''}: up to {_fmt(snap['bytes'])} on disk "
+            f"in .{stage}.partial ({detail})")
 
 
 def device_at_hand() -> tuple[str, int, bool]:
@@ -269,8 +441,10 @@ def _fmt(n: int) -> str:
 def show(cfg: PipelineConfig, run_dir: str | None, selected: list[str], *,
          echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Print the plan; returns it as a dict (stages with their estimates and verdicts)."""
-    hf_config, source = hf_config_offline(cfg.model.model)
+    hf_config, source, shape_note = plan_config(cfg)
     f = model_facts(hf_config, source.spec)
+    if shape_note:
+        echo(shape_note)
     where, free, on_gpu = device_at_hand()
     if cfg.model.device == "cpu":
         where, free, on_gpu = "CPU (host RAM)", host_available(), False
@@ -292,7 +466,79 @@ def show(cfg: PipelineConfig, run_dir: str | None, selected: list[str], *,
             echo(f"{'':9s} {'':9s} {detail}{'; ' if detail and verdict else ''}{verdict}")
         result["stages"].append({**e.__dict__, "status": status.get(e.stage), "verdict": verdict})
     echo("(estimates of tensor memory from the model config; host figures include ~0.6 GiB for the runtime)")
+    result["scale"] = show_scale(cfg, f, selected, echo=echo)
+    result["builtin_shape"] = bool(shape_note)
     return result
+
+
+# the first line of a plan drawn from shapes.py, followed by the reason the hub could not be reached (what a
+# real run would print): a caller that needs the model itself (scripts/make_table.py) can tell from it
+BUILTIN_SHAPE_NOTE = "shape from the built-in table (sparse_recover/shapes.py; a real run needs the model): "
+
+
+def plan_config(cfg: PipelineConfig):
+    """(HF config, source, note) of the plan's model. A hub model that cannot be reached (no network, not
+    in the cache) but that the built-in table of paper models knows (shapes.py) is planned from the table;
+    the note says so in one line. Any other failure is the usual one line."""
+    from sparse_recover.errors import ModelSourceError
+    from sparse_recover.models import resolve_model_source
+    from sparse_recover.shapes import builtin_config
+
+    try:
+        config, source = hf_config_offline(cfg.model.model, getattr(cfg.model, "revision", None),
+                                           bool(getattr(cfg.model, "trust_remote_code", False)))
+        return config, source, ""
+    except ModelSourceError as exc:
+        source = resolve_model_source(cfg.model.model, convert=False)
+        config = builtin_config(source.spec) if source.kind == "hub" else None
+        if config is None:
+            raise
+        return config, source, BUILTIN_SHAPE_NOTE + str(exc)
+
+
+def _cell(n: int | None) -> str:
+    return _fmt(n) if n else "-"
+
+
+def show_scale(cfg: PipelineConfig, f: ModelFacts, selected: list[str], *,
+               echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The per-process table on 1, 2 and 8 processes (DDP and FSDP2 for finetune), the disk of each stage
+    folder, and the progress snapshots' and training checkpoints' disk."""
+    dtype, nb, on_gpu = scale_dtype(cfg)
+    rows = scale_estimates(cfg, f, selected)
+    ps = " / ".join(map(str, SCALE_PROCESSES))
+    where = f"{dtype} on {ps} GPUs" if on_gpu else f"{dtype} CPU processes ({ps}); every figure is host memory"
+    shard = cfg.finetune.shard if "finetune" in selected else None
+    echo("")
+    echo(f"per process at scale ({where}"
+         + (f"; this config: finetune.shard {shard}" if shard else "") + "):")
+    echo("| stage | processes | finetune | accelerator peak | host peak | disk |")
+    echo("|---|---|---|---|---|---|")
+    for r in rows:
+        dev = _cell(r.device)
+        if r.device is not None and r.offloaded is not None and r.offloaded < r.device:
+            offload = getattr(cfg, r.stage).offload
+            dev += " (offload)" if offload else f" (`--offload` {_fmt(r.offloaded)})"
+        if r.mode == "FSDP2" and r.device is not None and r.load is not None and r.load > r.train:
+            dev = f"{_fmt(r.device)} at load; training {_fmt(r.train)}"
+        procs = "any P" if r.processes is None else str(r.processes)
+        echo(f"| {r.stage} | {procs} | {r.mode or '-'} | {dev} | {_fmt(r.host)} | {_cell(r.disk)} |")
+    snap = {e.stage: e for e in estimates(cfg, f, [s for s in selected if s in ("prune", "dsnot")], on_gpu=on_gpu,
+                                          source_label=f.name)}
+    for stage, e in snap.items():
+        echo(f"{stage}: {_snapshot_line(stage, e.snapshot, f.n_blocks)}")
+    if "finetune" in selected:
+        partial = stage_disk(cfg, f, "finetune", nb)["partial"]
+        echo(f"finetune: training checkpoints up to {_fmt(partial)} in .finetune.partial (the newest two and "
+             "one being written; adapters and AdamW state in float32)")
+        if on_gpu and any(r.mode == "FSDP2" and r.load > r.train for r in rows):
+            echo("FSDP2: finetune loads the whole checkpoint onto each process's GPU before sharding it, so the "
+                 "load is the peak where it exceeds the sharded training")
+    single = [s for s in selected if s in SINGLE_PROCESS]
+    if single:
+        echo(f"({', '.join(single)} run on one process: the same row for any P; host figures are per process, "
+             "a node holds P times them; prune's disk includes calib/)")
+    return [r.__dict__ for r in rows]
 
 
 def _verdict(cfg: PipelineConfig, e: Estimate, free: int, on_gpu: bool, f: ModelFacts) -> str:
@@ -330,5 +576,7 @@ def _statuses(cfg: PipelineConfig, run_dir: str | None, selected: list[str]) -> 
             out[s] = "run"
             continue
         state = pipe.state(s, manifest)
+        if state == "missing" and any((pipe.rd.path / f".{s}.partial").glob("state-*.json")):
+            state = "partial"  # an interrupted layer-wise pass with a progress snapshot
         out[s] = {"same": "skip", "missing": "run", "partial": "resume"}.get(state, "differs")
     return out

@@ -275,7 +275,10 @@ def finetune_stage(req: FinetuneRequest, rd: RunDir) -> dict[str, Any]:
                                    rd.path / "logs" / section.report_to)
     dev = accelerator.device
     torch_dtype = resolve_dtype(dtype, dev)
-    model, tokenizer, masks, transposed = load_sparse_stage(rd, stage, torch_dtype, dev)
+    # Sharded on GPUs: the checkpoint is read into host memory and fully_shard moves one decoder block at a
+    # time to the GPU and keeps this process's shard of it, so no GPU ever holds the whole model.
+    load_dev = torch.device("cpu") if section.shard == "fsdp" else dev
+    model, tokenizer, masks, transposed = load_sparse_stage(rd, stage, torch_dtype, load_dev)
     distiller, distill_info = None, None
     if req.teacher is not None:  # loaded before anything is written: a teacher that fails leaves RUN as it was
         distiller, distill_info = load_distiller(section, req.teacher, model, torch_dtype, dev)
@@ -301,7 +304,8 @@ def finetune_stage(req: FinetuneRequest, rd: RunDir) -> dict[str, Any]:
         grads = None
         if section.method == "lors" and section.ga_init and not resume:
             examples = data.train[: section.init_samples]
-            grads = weight_gradients(model, targets, examples, section.micro_batch_size, pad_id, accelerator)
+            grads = weight_gradients(model, targets, examples, section.micro_batch_size, pad_id, accelerator,
+                                     device=load_dev)
             init_info = {"kind": "gradient (LoRA-GA style)", "examples": len(examples)}
         torch.manual_seed(section.seed)  # adapter init (SPP alpha, LoRA A, LoRS B) is seeded
         adapters = attach_adapters(model, cls, masks, adapter_settings(resolved), section.targets)

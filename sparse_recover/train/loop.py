@@ -373,7 +373,7 @@ class _HostGradientSums:
 
 
 def weight_gradients(model, targets: dict[str, Any], examples, micro_batch_size: int, pad_id: int,
-                     accelerator) -> dict[str, torch.Tensor]:
+                     accelerator, device=None) -> dict[str, torch.Tensor]:
     """Mean gradient of the training loss w.r.t. each targeted (out, in) weight over `examples`.
 
     Gradients leave the accelerator as they are produced (post-accumulate hooks move them to the
@@ -395,7 +395,7 @@ def weight_gradients(model, targets: dict[str, Any], examples, micro_batch_size:
         for j, chunk in enumerate(chunks):
             if j % world != rank:
                 continue
-            batch = device_batch(examples, chunk, pad_id, accelerator.device)
+            batch = device_batch(examples, chunk, pad_id, device or accelerator.device)
             with accelerator.autocast():
                 loss = model(**batch, use_cache=False).loss
             loss.backward()
