@@ -156,7 +156,11 @@ _PPL_RE = re.compile(r"ppl/(.*)/(\d+)(?:/limit(\d+))?")
 @dataclass(frozen=True)
 class EvalKey:
     """The key of one evaluation result in RUN/eval/<stage>.json: `ppl/<data>/<seqlen>[/limit<N>]` or
-    `lm-eval/<tasks>[/limit<N>][/shots<K>][/data-dir]`. Formatted and parsed only here."""
+    `lm-eval/<tasks>[/limit<N>][/shots<K>][/data-dir]`. Formatted and parsed only here.
+
+    `<data>` is canonical: the resolved absolute path of a local file, or the lower-case source name
+    (`wiki-en`, `wikitext2`); the result also stores `data_sha256`, the hash of the text measured, and a
+    result of the same key whose text hash differs is a different measurement (see engine/evaluate.py)."""
 
     kind: Literal["ppl", "lm-eval"]
     data: str = ""  # ppl: the data source; lm-eval: comma-joined sorted task names
@@ -180,6 +184,20 @@ class EvalKey:
             return f"ppl/{self.data}/{self.seqlen}{limit}"
         shots = f"/shots{self.shots}" if self.shots is not None else ""
         return f"lm-eval/{self.data}{limit}{shots}" + ("/data-dir" if self.data_dir else "")
+
+    @classmethod
+    def canonical(cls, key: str, result: Any) -> str:
+        """The key a stored result is kept under now. Perplexity keys name their data canonically (the resolved
+        absolute path of a file, the lower-case name of a source); earlier versions keyed a file as it was
+        typed (`ppl/m/corpus.jsonl/64`), but every result records the canonical name in `data`, so an old key
+        maps onto the key the same measurement gets today. Other keys are returned unchanged."""
+        parsed = cls.parse(key)
+        if parsed is None or parsed.kind != "ppl" or not parsed.seqlen or not isinstance(result, dict):
+            return key
+        data = result.get("data")
+        if not isinstance(data, str) or not data:
+            return key
+        return str(cls.ppl(data, parsed.seqlen, parsed.limit))
 
     @classmethod
     def parse(cls, key: str) -> "EvalKey | None":

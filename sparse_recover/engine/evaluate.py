@@ -5,10 +5,18 @@ lm-eval on the in-memory model (evaluate/harness.py): `zeroshot`, `mmlu`, the of
 or any lm-eval task. Results go to RUN/eval/<stage>.json and the manifest, each keyed by an `EvalKey`
 and stamped with the identity of the checkpoint it measured; a result that exists for the same
 checkpoint is not measured again unless --force.
+
+Perplexity data is described canonically: a local file by its resolved absolute path, a source by its
+lower-case name, and the result stores `data_sha256` (sha256 of the text measured). So `--ppl-data
+m/corpus.jsonl` and `--ppl-data /abs/m/corpus.jsonl` are one measurement, stored once; a file whose
+content changed since is measured again (and replaces the old result). Results that earlier versions
+keyed by the path as typed are found through the canonical name they stored in `data`
+(`EvalKey.canonical`) and are replaced, not duplicated, when measured again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +44,24 @@ class EvalRequest:
     keys: dict[str, EvalKey]  # "ppl" | "lm-eval" -> key
     checkpoint: str  # identity of what is measured
     harness_tasks: list[str]
+    ppl_sha256: str | None = None  # sha256 of the perplexity text (None: a hub source, known once loaded)
+
+
+def describe_ppl_data(source: str) -> tuple[str, str | None]:
+    """(canonical name, sha256 of the text or None) of a perplexity data source, without a hub download:
+    a local file -> (resolved absolute path, hash); the built-in wiki-en -> ("wiki-en", hash); a hub
+    source -> (its lower-case name, None)."""
+    from sparse_recover.data import BUILTIN_SOURCES, evaluation_text, is_local_path
+
+    key = source.strip().lower()
+    if key in BUILTIN_SOURCES or (key not in ("wikitext2", "c4") and is_local_path(source)):
+        name, text = evaluation_text(source)
+        return name, text_sha256(text)
+    return key, None
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def prepare(cfg: EvalCommandConfig, rd: RunDir) -> EvalRequest:
@@ -61,22 +87,36 @@ def prepare(cfg: EvalCommandConfig, rd: RunDir) -> EvalRequest:
         source = ModelSource(spec=f"{rd.path}/{stage}", kind="local", path=str(path))
         checkpoint = manifest.stages[stage].identity()
     keys: dict[str, EvalKey] = {}
+    ppl_sha256 = None
     if "ppl" in ev.tasks:
         ppl_source = resolve_ppl_source(ev.ppl_data, manifest.model.kind if manifest.model else "hub")
         check_data_source(ppl_source, what="perplexity data")
         check_seqlen(ev.seqlen, load_config(source), "perplexity seqlen",
                      source.spec if stage == "dense" else f"{source.spec}/config.json")
-        keys["ppl"] = EvalKey.ppl(ppl_source, ev.seqlen, ev.limit)
+        ppl_name, ppl_sha256 = describe_ppl_data(ppl_source)
+        keys["ppl"] = EvalKey.ppl(ppl_name, ev.seqlen, ev.limit)
     if harness_tasks:
         keys["lm-eval"] = EvalKey.lm_eval(harness_tasks, ev.limit, ev.num_fewshot, bool(ev.data_dir))
-    return EvalRequest(cfg, stage, source, keys, checkpoint, harness_tasks)
+    return EvalRequest(cfg, stage, source, keys, checkpoint, harness_tasks, ppl_sha256)
 
 
 def measured(rd: RunDir, req: EvalRequest) -> dict[str, Any]:
-    """Results already stored for the same checkpoint, by key."""
+    """Results already stored for the same checkpoint, by key: under the key itself or under a key of an
+    earlier version that means the same (EvalKey.canonical); a perplexity of other text (its stored
+    `data_sha256` differs) does not count."""
     existing = rd.manifest().evals.get(req.stage, {})
-    return {str(k): existing[str(k)] for k in req.keys.values()
-            if str(k) in existing and existing[str(k)].get("checkpoint", req.checkpoint) == req.checkpoint}
+    wanted = {str(k) for k in req.keys.values()}
+    found: dict[str, Any] = {}
+    for key in sorted(existing, key=lambda k: k not in wanted):  # the exact key first
+        result = existing[key]
+        canon = EvalKey.canonical(key, result)
+        if canon not in wanted or canon in found or result.get("checkpoint", req.checkpoint) != req.checkpoint:
+            continue
+        if canon.startswith("ppl/") and None not in (req.ppl_sha256, result.get("data_sha256")) \
+                and result["data_sha256"] != req.ppl_sha256:
+            continue
+        found[canon] = result
+    return found
 
 
 def eval_stage(req: EvalRequest, rd: RunDir, *, force: bool) -> dict[str, Any]:
@@ -133,7 +173,8 @@ def _perplexity(model, tokenizer, stage, ppl_source, seqlen, limit, batch_size, 
         finally:
             bar.close()
         timing = meter.stop()
-    result.update({"data": name, "task": "ppl", "measured": now(), "device": str(dev), "versions": versions(),
+    result.update({"data": name, "data_sha256": text_sha256(text), "task": "ppl", "measured": now(),
+                   "device": str(dev), "versions": versions(),
                    **timing})
     summary(f"eval {stage}: perplexity {result['ppl']:.4f} on {ppl_source} ({result['windows']} windows x {seqlen} "
             f"tokens) in {format_seconds(timing['wall_time_s'])}")
@@ -165,9 +206,19 @@ def save_results(rd: RunDir, stage: str, results: dict[str, Any]) -> None:
 
     eval_file = rd.path / "eval" / f"{stage}.json"
     current = read_json(eval_file, error=RunDirError, what="evaluation results") if eval_file.is_file() else {}
+    _drop_superseded(current, results)
     current.update(results)
     rd.write_json(f"eval/{stage}.json", current)
     manifest = rd.manifest()
-    manifest.evals.setdefault(stage, {}).update(results)
+    stored = manifest.evals.setdefault(stage, {})
+    _drop_superseded(stored, results)
+    stored.update(results)
     rd.write(manifest)
+
+
+def _drop_superseded(stored: dict[str, Any], results: dict[str, Any]) -> None:
+    """Remove the results an earlier version stored under another key for what `results` now holds (one
+    measurement is stored once)."""
+    for key in [k for k in stored if k not in results and EvalKey.canonical(k, stored[k]) in results]:
+        del stored[key]
 

@@ -22,8 +22,9 @@ Return value (plain JSON-able dict)
                  "data_files": {split: path}   # only for data-dir and wiki-suite tasks
       }, ...},
     "groups": {
-      "zeroshot":   {"acc": mean, "tasks": [...], "complete": bool, "n_shot": 0, "aggregation": "..."},
-      "wiki-suite": {"acc": mean, "tasks": [...], "complete": bool, "n_shot": 0, "aggregation": "..."},
+      "zeroshot":   {"acc": mean, "acc_stderr": sqrt(sum se^2)/k | None, "tasks": [...], "complete": bool,
+                     "n_shot": 0, "aggregation": "..."},
+      "wiki-suite": {"acc": mean, "acc_stderr": .., "tasks": [...], "complete": bool, "n_shot": 0, "aggregation": ".."},
                     # present only when the group name itself was requested ("boolq,rte" gives no
                     # zeroshot entry); "complete" is False when a member has no acc
       "mmlu":       {"acc": .., "acc_stderr": .., "metrics": {...}, "tasks": [57 names], "n_shot": 5,
@@ -58,6 +59,7 @@ Notes
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -250,7 +252,11 @@ def _mean_group(out: dict[str, Any], label: str, members: tuple[str, ...], aggre
         return
     accs = [out["tasks"][t]["acc"] for t in present]
     shots = {out["tasks"][t]["n_shot"] for t in present}
-    out["groups"][label] = {"acc": sum(accs) / len(accs), "tasks": present, "complete": len(present) == len(members),
+    errs = [out["tasks"][t].get("acc_stderr") for t in present]
+    # the standard error of a mean of independent task accuracies: sqrt(sum se_i^2) / k
+    stderr = math.sqrt(sum(e * e for e in errs)) / len(errs) if None not in errs else None
+    out["groups"][label] = {"acc": sum(accs) / len(accs), "acc_stderr": stderr, "tasks": present,
+                            "complete": len(present) == len(members),
                             "n_shot": next(iter(shots)) if len(shots) == 1 else None, "aggregation": aggregation}
 
 

@@ -87,3 +87,73 @@ def test_stage_zero_shot_equals_stock_lm_eval_cli(measured_run, data_dir, tmp_pa
     assert ours["tasks"]["boolq"]["acc"] == cli["boolq_local"]["acc,none"]
     assert ours["tasks"]["arc_easy"]["acc"] == cli["arc_local"]["acc,none"]
     assert ours["tasks"]["arc_easy"]["metrics"]["acc_norm"] == cli["arc_local"]["acc_norm,none"]
+
+
+def _stored(run: Path, stage: str = "prune") -> tuple[dict, dict]:
+    """(RUN/eval/<stage>.json, the manifest's copy) of the stage's results."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    return json.loads((run / "eval" / f"{stage}.json").read_text()), manifest["evals"].get(stage, {})
+
+
+def _text_sha(path: Path) -> str:
+    """sha256 of the text the perplexity of `path` is measured on."""
+    import hashlib
+
+    from sparse_recover.data import evaluation_text
+
+    return hashlib.sha256(evaluation_text(str(path))[1].encode("utf-8")).hexdigest()
+
+
+def test_ppl_data_is_keyed_canonically(measured_run, eval_file, tmp_path, monkeypatch, capsys):
+    """`--ppl-data m/corpus.txt` and `--ppl-data /abs/m/corpus.txt` are one measurement, stored once under the
+    resolved path with the text's hash; a result an earlier version keyed by the relative path (no hash) is
+    still read (by eval and report) and is replaced, not duplicated, once the file's text changes."""
+    run = tmp_path / "RUN"
+    shutil.copytree(measured_run, run)
+    corpus = tmp_path / "m" / "corpus.txt"
+    corpus.parent.mkdir()
+    shutil.copy(eval_file, corpus)
+    cache = tmp_path / "cache"
+    args = ["eval", "--run-dir", run, "--stage", "prune", "--tasks", "ppl", "--seqlen", "64", "--limit", "2",
+            "--device", "cpu"]
+    res = run_cli([*args, "--ppl-data", "m/corpus.txt"], tmp_path, cache)  # relative, as typed in tmp_path
+    assert res.returncode == 0, res.stderr
+    key = f"ppl/{corpus.resolve()}/64/limit2"
+    results, in_manifest = _stored(run)
+    assert key in results and key in in_manifest
+    assert sorted(k for k in results if "corpus" in k) == [key]
+    first_sha = _text_sha(corpus)
+    assert results[key]["data_sha256"] == first_sha
+
+    before = snapshot(run)
+    monkeypatch.chdir(corpus.parent)  # the absolute path, from another folder: the same measurement
+    run_eval(run, "prune", ["ppl"], ppl_data=str(corpus), seqlen=64, limit=2, device="cpu")
+    assert "already measured" in capsys.readouterr().out and snapshot(run) == before
+
+    # as an earlier version stored it: keyed by the path as typed, no text hash
+    legacy = "ppl/m/corpus.txt/64/limit2"
+    manifest = json.loads((run / "manifest.json").read_text())
+    for holder in (results, manifest["evals"]["prune"]):
+        old = holder.pop(key)
+        old.pop("data_sha256")
+        holder[legacy] = old
+    (run / "eval" / "prune.json").write_text(json.dumps(results))
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    from sparse_recover.reporting import collect
+
+    prune_row = next(r for r in collect([str(run)])[0] if r["stage"] == "prune")
+    assert prune_row["ppl corpus.txt/64/limit2"] == results[legacy]["ppl"]
+    before = snapshot(run)
+    run_eval(run, "prune", ["ppl"], ppl_data=str(corpus), seqlen=64, limit=2, device="cpu")
+    assert snapshot(run) == before  # read as measured: nothing new
+
+    run_eval(run, "prune", ["ppl"], ppl_data=str(corpus), seqlen=64, limit=2, device="cpu", force=True)
+    for stored in _stored(run):
+        assert [k for k in stored if "corpus" in k] == [key]  # once, under today's key
+        assert stored[key]["data_sha256"] == first_sha
+
+    corpus.write_text(corpus.read_text(encoding="utf-8")[:20000], encoding="utf-8")  # other text: measured again
+    run_eval(run, "prune", ["ppl"], ppl_data=str(corpus), seqlen=64, limit=2, device="cpu")
+    for stored in _stored(run):
+        assert [k for k in stored if "corpus" in k] == [key]
+        assert stored[key]["data_sha256"] == _text_sha(corpus) != first_sha

@@ -52,8 +52,10 @@ def test_first_release_run_reports(legacy, capsys):
     rows, _, _, _ = collect([str(legacy)])
     by_stage = {r["stage"]: r for r in rows}
     evals = {s: json.loads((legacy / "eval" / f"{s}.json").read_text()) for s in ("prune", "dsnot")}
-    assert by_stage["prune"]["ppl"] == evals["prune"]["ppl/wiki-en/64/limit2"]["ppl"]
-    assert by_stage["dsnot"]["ppl"] == evals["dsnot"]["ppl/wiki-en/64/limit2"]["ppl"]
+    assert by_stage["prune"]["ppl wiki-en/64/limit2"] == evals["prune"]["ppl/wiki-en/64/limit2"]["ppl"]
+    assert by_stage["dsnot"]["ppl wiki-en/64/limit2"] == evals["dsnot"]["ppl/wiki-en/64/limit2"]["ppl"]
+    assert by_stage["dsnot"]["ppl wiki-en/64/limit2 vs pruned"] == pytest.approx(
+        evals["dsnot"]["ppl/wiki-en/64/limit2"]["ppl"] / evals["prune"]["ppl/wiki-en/64/limit2"]["ppl"] - 1)
     assert by_stage["prune"]["pattern"] == "unstructured" and by_stage["dsnot"]["method"] == "sparsegpt + dsnot"
 
 
@@ -94,6 +96,17 @@ def test_eval_key_round_trips():
     for key in keys:
         assert EvalKey.parse(str(key)) == key
     assert str(keys[0]) == "ppl/wiki-en/2048" and str(keys[2]) == "lm-eval/arc_easy,boolq/limit8/shots5/data-dir"
+
+
+def test_eval_key_canonical_reads_keys_of_earlier_versions():
+    """Earlier versions keyed a perplexity file by the path as typed; the result's `data` (the resolved path
+    or the source name) gives the key the same measurement has today. Other keys stay as they are."""
+    result = {"ppl": 12.5, "data": "/work/m/corpus.jsonl", "seqlen": 64}
+    assert EvalKey.canonical("ppl/m/corpus.jsonl/64/limit4", result) == "ppl//work/m/corpus.jsonl/64/limit4"
+    assert EvalKey.canonical("ppl//work/m/corpus.jsonl/64", result) == "ppl//work/m/corpus.jsonl/64"
+    assert EvalKey.canonical("ppl/Wiki-EN/128", {"data": "wiki-en"}) == "ppl/wiki-en/128"
+    assert EvalKey.canonical("ppl/m/corpus.jsonl/64", {"ppl": 3.0}) == "ppl/m/corpus.jsonl/64"  # nothing to map by
+    assert EvalKey.canonical("lm-eval/boolq/limit8", result) == "lm-eval/boolq/limit8"
 
 
 def test_stage_record_identity_names_the_computation():
