@@ -10,10 +10,11 @@ RUN ?= runs/demo
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-TABLES := spp-2 spp-3 spp-4 dsnot-1 dsnot-5 lors-1 lors-4
+TABLES := spp-2 spp-3 spp-4 spp-5 spp-6 spp-7 dsnot-1 dsnot-2 dsnot-5 dsnot-8 dsnot-9 dsnot-10 lors-1 lors-2 lors-3 lors-4
 TABLE_RUNS ?= runs/tables
 
 .PHONY: setup test test-slow test-all demo bench clean $(addprefix table-,$(TABLES))
+.PHONY: study claims
 
 setup: $(STAMP)
 
@@ -50,6 +51,15 @@ demo: setup
 # published | ours | delta. SMOKE=1 runs the same grid on a tiny random LLaMA in minutes.
 $(addprefix table-,$(TABLES)): table-%: setup
 	$(PY) scripts/make_table.py $* --run --runs $(TABLE_RUNS) --cli "$(CLI)" $(if $(SMOKE),--smoke)
+
+# The study (issue 13) and the paper claims (issue 14) on SmolLM2-135M with the built-in data: every row's
+# pipelines (configs/study, configs/claims) in STUDY_RUNS/<run>/seed-S (shared between the two; completed runs
+# skip), then one markdown table with the command of each row. SEEDS=3: mean +- std over calibration seeds.
+# SMOKE=1: the same rows on tiny-llama-random in minutes (numbers check the plumbing only).
+SEEDS ?= 1
+STUDY_RUNS ?= $(if $(SMOKE),runs/study-smoke,runs/study)
+study claims: setup
+	$(PY) scripts/study.py $@ --seeds $(SEEDS) --runs $(STUDY_RUNS) --cli "$(CLI)" $(if $(SMOKE),--smoke)
 
 bench: setup
 	$(PY) scripts/bench_prune.py

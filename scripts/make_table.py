@@ -4,11 +4,17 @@
     scripts/make_table.py dsnot-1                       # print from the run directories that exist
     scripts/make_table.py dsnot-1 --run                 # run every row in turn first (completed ones skip)
     scripts/make_table.py dsnot-1 --run --smoke         # the same grid on the tiny built-in model
+    scripts/make_table.py dsnot-8 --run --rows ID[,ID]  # only these rows
     scripts/make_table.py --check                       # lint configs/papers (published values, config headers)
 
-TABLE is <paper>-<n> (spp-2, spp-3, spp-4, dsnot-1, dsnot-5, lors-1, lors-4): the rows of table<n> in
+TABLE is <paper>-<n> (spp-2..7, dsnot-1, -2, -5, -8, -9, -10, lors-1..4): the rows of table<n> in
 configs/papers/<paper>/published.yaml, each naming its config and the published cells (stage, metric, value and
-where the paper prints it). Row i runs `sparse-recover run <config> --run-dir RUNS/<paper>-<n>/<row id>`.
+where the paper prints it). Row i runs `sparse-recover run <config> --run-dir RUNS/<paper>-<n>/<row id>`, or, with
+`same_run_as: <paper>-<m>/<row id>` (the same config in another table), in that row's directory, so one run serves
+both tables. A row with
+`seeds: [..]` runs once per calibration seed (`--set calib.seed=S`, RUNS/<paper>-<n>/<row id>/seed-S) and its cells
+print the mean and standard deviation over the seeds next to the paper's mean (+- std) (DSnoT Table 10). Metrics:
+ppl, zeroshot_avg (the 7-task mean, %), mmlu (lm-eval's 5-shot mmlu group, %).
 configs/papers/extra/ holds configs no paper has a row for: this script never compares them with a paper.
 
 Before running, each distinct model of the table is checked with `run --dry-run`; a model that cannot be reached
@@ -17,7 +23,8 @@ and the script exits non-zero after printing the table.
 
 --smoke applies configs/papers/smoke.yaml to the sections a row has (a tiny random LLaMA, a few calibration
 windows, two fine-tuning steps, perplexity on a few windows) through `--set`, so every table target runs end to
-end in minutes. Rows that become identical on the tiny model share one run directory
+end in minutes; a table's `smoke_keep` names the settings its columns vary (DSnoT Table 9: calib.nsamples), which
+keep the row's value. Rows that become identical on the tiny model share one run directory
 (RUNS/<paper>-<n>-smoke/<config hash>). The numbers of a smoke run check the plumbing only.
 
 Our numbers come only from the run manifests (the eval results `run` wrote), never recomputed. Where the paper
@@ -33,6 +40,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -46,13 +54,14 @@ PAPERS = ROOT / "configs" / "papers"
 EXTRA = "extra"
 NOT_ROW_CONFIGS = {"published.yaml", "smoke.yaml"}
 STAGES = ("dense", "prune", "dsnot", "merge")
-METRICS = {"ppl": "ppl", "zeroshot_avg": "zeroshot"}  # metric -> the eval task that produces it
+METRICS = {"ppl": "ppl", "zeroshot_avg": "zeroshot", "mmlu": "mmlu"}  # metric -> the eval task that produces it
 TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 AVG_TOLERANCE = 0.01  # a printed average further than this from its tasks' mean is the paper contradicting itself
 EXTRA_MARK = "EXTRA, NOT A PAPER ROW"
 SETTING = re.compile(r"^#   (\S.*)$")
 CONTINUATION = re.compile(r"^#     \S")
 KEY = re.compile(r"^([a-z_]+)\.([a-z_]+|\*)(?:\s.*)?$")
+TITLE_END = re.compile(r"^# Where each setting comes from")  # the header's title block ends here
 PAPER_LOCATOR = re.compile(r"\b(Sec\.|Table \d|Appendix|Eq\.|p\. \d|caption|Listing \d)")
 
 
@@ -105,7 +114,12 @@ def config_problems(path: Path, paper_key: str | None = None, tables: set[int] |
     lines = header_of(path)
     if not lines:
         return [f"{rel}: no header comment (paper, table and the source of every setting)"]
-    first = " ".join(line[1:].strip() for line in lines[:3])
+    title = []
+    for line in lines:  # the title block: up to "Where each setting comes from" or the first setting
+        if TITLE_END.match(line) or SETTING.match(line):
+            break
+        title.append(line)
+    first = " ".join(line[1:].strip() for line in (title or lines[:3]))
     problems = []
     if paper_key is None:
         if not first.startswith(EXTRA_MARK):
@@ -188,10 +202,27 @@ def cell_problems(where: str, cell: dict, paper_key: str, table_no: int, cfg: di
                 p.append(f"{where}: published {pub} is not the printed {printed!r}")
         except ValueError:
             p.append(f"{where}: printed {printed!r} is not a number")
-        if printed not in line.split():
-            p.append(f"{where}: printed {printed!r} is not on its source line")
+        token = src.get("printed_as", printed)  # the conversion glued a cell to its neighbour: the glued token
+        if not isinstance(token, str) or not token.startswith(printed):
+            p.append(f"{where}: printed_as {token!r} does not start with the printed {printed!r}")
+        elif not on_line(token, line):
+            p.append(f"{where}: printed {token!r} is not on its source line")
         if text_lines is not None and not any(line in t for t in text_lines):
             p.append(f"{where}: source line not found in the paper text: {line!r}")
+    if "published_std" in cell:  # a mean over seeds printed with its standard deviation
+        std, printed_std = cell["published_std"], src.get("printed_std")
+        if not _is_number(std) or not isinstance(printed_std, str):
+            p.append(f"{where}: published_std needs a number and source.printed_std (the std as printed)")
+        else:
+            try:
+                if not math.isclose(float(printed_std), std, rel_tol=0, abs_tol=1e-12):
+                    p.append(f"{where}: published_std {std} is not the printed {printed_std!r}")
+            except ValueError:
+                p.append(f"{where}: printed_std {printed_std!r} is not a number")
+            if isinstance(line, str) and not re.search(
+                    rf"(?<![\d.]){re.escape(printed)}\s*\(\s*(?:<math>)?\s*(?:\$\s*)?\\pm\s*{re.escape(printed_std)}"
+                    rf"(?![\d])", line):
+                p.append(f"{where}: '{printed} (\u00b1{printed_std})' is not on its source line")
     tasks = cell.get("tasks")
     if tasks is not None:
         if metric != "zeroshot_avg" or not isinstance(tasks, dict) or set(tasks) != set(TASKS):
@@ -203,6 +234,29 @@ def cell_problems(where: str, cell: dict, paper_key: str, table_no: int, cfg: di
     if "note" in cell and (not isinstance(cell["note"], str) or not cell["note"].strip()):
         p.append(f"{where}: empty note")
     return p
+
+
+def on_line(token: str, line: str) -> bool:
+    """`token` is one cell of the line: a whitespace-separated word, or a number followed by '(' (Table 10's
+    '10.42(' +- std)."""
+    return token in line.split() or re.search(rf"(?<![\w.]){re.escape(token)}(?=\s*\()", line) is not None
+
+
+def same_run_problems(where: str, row: dict, tables: dict, paper: str) -> list[str]:
+    """`same_run_as: <paper>-<n>/<row id>`: a row of another table of this file with the same config, whose run
+    directory this row reads (and runs, if missing) instead of its own."""
+    ref = row["same_run_as"]
+    tab, _, rid = str(ref).partition("/")
+    key = f"table{tab.removeprefix(paper + '-')}" if tab.startswith(paper + "-") else None
+    other = next((r for r in ((tables.get(key) or {}).get("rows") or []) if r.get("id") == rid), None) if key else None
+    if other is None or other is row:
+        return [f"{where}: same_run_as {ref!r} names no other row of this file (<paper>-<n>/<row id>)"]
+    problems = []
+    if other.get("config") != row.get("config"):
+        problems.append(f"{where}: same_run_as {ref!r} runs {other.get('config')}, not this row's {row.get('config')}")
+    if other.get("same_run_as") or other.get("seeds") or row.get("seeds"):
+        problems.append(f"{where}: same_run_as must name a plain row (no same_run_as, no seeds on either)")
+    return problems
 
 
 def published_problems(path: Path, texts: Path | None = None) -> list[str]:
@@ -234,6 +288,11 @@ def published_problems(path: Path, texts: Path | None = None) -> list[str]:
         if not isinstance(table, dict) or not table.get("title") or not table.get("rows"):
             problems.append(f"{rel}: {key} needs a title and rows")
             continue
+        keep = table.get("smoke_keep", [])
+        overlay = load_yaml(str(PAPERS / "smoke.yaml"))
+        if not isinstance(keep, list) or any(not isinstance(k, str) or k.partition(".")[2] not in (
+                overlay.get(k.partition(".")[0]) or {}) for k in keep):
+            problems.append(f"{rel}: {key} smoke_keep must list section.key settings of configs/papers/smoke.yaml")
         for row in table["rows"]:
             rid = row.get("id")
             where = f"{rel}: {key} row {rid}"
@@ -254,6 +313,14 @@ def published_problems(path: Path, texts: Path | None = None) -> list[str]:
             if not row.get("label") or not row.get("cells"):
                 problems.append(f"{where}: needs a label and cells")
                 continue
+            if row.get("same_run_as") is not None:
+                problems += same_run_problems(where, row, tables, path.parent.name)
+            seeds = row.get("seeds")
+            if seeds is not None and (not isinstance(seeds, list) or len(seeds) < 2 or len(set(seeds)) != len(seeds)
+                                      or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+                problems.append(f"{where}: seeds must be two or more distinct integers (calib.seed of each run)")
+            if seeds is None and any("published_std" in c for c in row["cells"]):
+                problems.append(f"{where}: a cell has published_std but the row has no seeds to aggregate")
             for cell in row["cells"]:
                 problems += cell_problems(f"{where} cell {cell.get('column')!r}", cell, paper_key, table_no, cfg,
                                           text_lines)
@@ -326,8 +393,9 @@ def table_rows(table: str) -> tuple[dict, list[dict], Path]:
     return data, data["tables"][key]["rows"], path.parent
 
 
-def smoke_sets(config: Path) -> list[str]:
-    """`--set` overrides of the smoke overlay, for the sections the row config has."""
+def smoke_sets(config: Path, keep: tuple[str, ...] = ()) -> list[str]:
+    """`--set` overrides of the smoke overlay, for the sections the row config has; `keep` names the settings
+    (section.key) a table varies across its columns, which keep the row's value (a table's `smoke_keep`)."""
     overlay = load_yaml(str(PAPERS / "smoke.yaml"))
     data = load_yaml(str(config))
     sets = []
@@ -335,18 +403,34 @@ def smoke_sets(config: Path) -> list[str]:
         if data.get(section) is None:
             continue
         for key, value in values.items():
-            sets.append(f"{section}.{key}={json.dumps(value)}")
+            if f"{section}.{key}" not in keep:
+                sets.append(f"{section}.{key}={json.dumps(value)}")
     return sets
 
 
-def run_dir_of(table: str, row: dict, folder: Path, runs: Path, smoke: bool) -> tuple[Path, list[str]]:
+def seeds_of(row: dict) -> list[int | None]:
+    """A row with `seeds` runs once per calibration seed (calib.seed), its cells aggregated over them."""
+    return list(row.get("seeds") or [None])
+
+
+def run_dir_of(table: str, row: dict, folder: Path, runs: Path, smoke: bool, seed: int | None = None,
+               keep: tuple[str, ...] = ()) -> tuple[Path, list[str]]:
     config = folder / row["config"]
+    seed_sets = [] if seed is None else [f"calib.seed={seed}"]
     if not smoke:
-        return runs / table / row["id"], []
-    sets = smoke_sets(config)
+        if row.get("same_run_as"):  # the same config as a row of another table: one run serves both
+            return runs / row["same_run_as"], []
+        return (runs / table / row["id"] / ("" if seed is None else f"seed-{seed}")), seed_sets
+    sets = smoke_sets(config, keep) + seed_sets
     cfg = validate_pipeline(apply_overrides(load_yaml(str(config)), sets))
     blob = json.dumps(cfg.model_dump(exclude={"description"}), sort_keys=True, default=str).encode()
     return runs / f"{table}-smoke" / hashlib.sha256(blob).hexdigest()[:12], sets
+
+
+def row_runs(table: str, row: dict, folder: Path, runs: Path, smoke: bool,
+             keep: tuple[str, ...] = ()) -> list[tuple[Path, list[str]]]:
+    """(run directory, --set overrides) of each run a row needs: one, or one per seed."""
+    return [run_dir_of(table, row, folder, runs, smoke, seed, keep) for seed in seeds_of(row)]
 
 
 def model_of(folder: Path, row: dict, sets: list[str]) -> str:
@@ -358,13 +442,13 @@ MODEL_UNREACHABLE = 3  # sparse_recover.errors.ModelSourceError.exit_code
 
 
 def unreachable_models(table: str, rows: list[dict], folder: Path, runs: Path, smoke: bool,
-                       cli: list[str]) -> dict[str, str]:
+                       cli: list[str], keep: tuple[str, ...] = ()) -> dict[str, str]:
     """`run --dry-run` once per distinct model (writes nothing): {model: the CLI's one-line reason} for the models
     that cannot be reached. Any other failure stops here with the CLI's message and exit code."""
     checked: set[str] = set()
     bad: dict[str, str] = {}
     for row in rows:
-        run_dir, sets = run_dir_of(table, row, folder, runs, smoke)
+        run_dir, sets = row_runs(table, row, folder, runs, smoke, keep)[0]
         model = model_of(folder, row, sets)
         if model in checked:
             continue
@@ -373,7 +457,12 @@ def unreachable_models(table: str, rows: list[dict], folder: Path, runs: Path, s
         for s in sets:
             cmd += ["--set", s]
         res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode == MODEL_UNREACHABLE:
+        from sparse_recover.plan import BUILTIN_SHAPE_NOTE
+
+        first = res.stdout.partition("\n")[0]
+        if res.returncode == 0 and first.startswith(BUILTIN_SHAPE_NOTE):  # planned from shapes.py: not reachable
+            bad[model] = first.removeprefix(BUILTIN_SHAPE_NOTE).strip()
+        elif res.returncode == MODEL_UNREACHABLE:
             msg = [line for line in res.stderr.splitlines() if line.strip()]
             bad[model] = (msg[-1] if msg else f"model {model} cannot be reached").removeprefix(
                 "sparse-recover: error: ")
@@ -384,29 +473,47 @@ def unreachable_models(table: str, rows: list[dict], folder: Path, runs: Path, s
     return bad
 
 
-def run_rows(table: str, rows: list[dict], folder: Path, runs: Path, smoke: bool, cli: list[str]) -> int:
+def run_streaming(cmd: list[str]) -> tuple[int, str]:
+    """Run the CLI, passing its stderr through; returns its exit code and its last stderr line (the reason)."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+    last = ""
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        if line.strip():
+            last = line.strip()
+    return proc.wait(), last
+
+
+def run_rows(table: str, rows: list[dict], folder: Path, runs: Path, smoke: bool, cli: list[str],
+             keep: tuple[str, ...] = ()) -> int:
     """Run every row (completed stages skip). Returns the exit code: 0, or 3 when some model could not be reached
     (its rows are left alone: one line per model says so)."""
-    bad = unreachable_models(table, rows, folder, runs, smoke, cli)
+    bad = unreachable_models(table, rows, folder, runs, smoke, cli, keep)
     skipped: dict[str, list[str]] = {}
     done: set[Path] = set()
     for i, row in enumerate(rows, 1):
-        run_dir, sets = run_dir_of(table, row, folder, runs, smoke)
-        model = model_of(folder, row, sets)
-        if model in bad:
-            skipped.setdefault(model, []).append(row["id"])
-            continue
-        if run_dir in done:
-            print(f"[{i}/{len(rows)}] {row['id']}: same smoke config as an earlier row -> {run_dir}", flush=True)
-            continue
-        done.add(run_dir)
-        cmd = [*cli, "run", str(folder / row["config"]), "--run-dir", str(run_dir)]
-        for s in sets:
-            cmd += ["--set", s]
-        print(f"[{i}/{len(rows)}] {row['id']}: {' '.join(cmd[len(cli) - 1:])}", flush=True)
-        rc = subprocess.run(cmd).returncode
-        if rc:
-            raise SystemExit(rc)  # the CLI has printed its one-line reason
+        for run_dir, sets in row_runs(table, row, folder, runs, smoke, keep):
+            model = model_of(folder, row, sets)
+            if model in bad:
+                if row["id"] not in skipped.get(model, []):
+                    skipped.setdefault(model, []).append(row["id"])
+                continue
+            if run_dir in done:
+                print(f"[{i}/{len(rows)}] {row['id']}: same smoke config as an earlier row -> {run_dir}", flush=True)
+                continue
+            done.add(run_dir)
+            cmd = [*cli, "run", str(folder / row["config"]), "--run-dir", str(run_dir)]
+            for s in sets:
+                cmd += ["--set", s]
+            print(f"[{i}/{len(rows)}] {row['id']}: {' '.join(cmd[len(cli) - 1:])}", flush=True)
+            rc, last = run_streaming(cmd)
+            if rc == MODEL_UNREACHABLE:  # the dry run could plan it (known shapes) but the weights are not here
+                bad[model] = (last or f"model {model} cannot be reached").removeprefix("sparse-recover: error: ")
+                skipped.setdefault(model, []).append(row["id"])
+                continue
+            if rc:
+                raise SystemExit(rc)  # the CLI has printed its one-line reason
     for model, ids in skipped.items():
         print(f"make_table: {len(ids)} row(s) not run ({', '.join(ids)}): {bad[model]}", file=sys.stderr, flush=True)
     return MODEL_UNREACHABLE if skipped else 0
@@ -428,13 +535,23 @@ def ours(run_dir: Path, stage: str, metric: str) -> float | None:
         wanted = [k for k in ppl if keys[k].seqlen == ev.get("seqlen")]
         key = (wanted or ppl or [None])[-1]
         return results[key]["ppl"] if key else None
-    if metric == "zeroshot_avg":
+    if metric in ("zeroshot_avg", "mmlu"):
+        name = METRICS[metric]  # our group: the 7-task zero-shot mean, or lm-eval's 5-shot mmlu aggregate
         for k, res in results.items():
-            group = (res.get("groups") or {}).get("zeroshot") if keys[k] and keys[k].kind == "lm-eval" else None
+            group = (res.get("groups") or {}).get(name) if keys[k] and keys[k].kind == "lm-eval" else None
             if group and group.get("acc") is not None:
                 return 100 * group["acc"]  # the papers print percentages
         return None
     raise SystemExit(f"make_table: unknown metric {metric!r} in published.yaml")
+
+
+def over_seeds(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """Mean and standard deviation (population, ddof 0: DSnoT Table 10 does not say which) of the seeds that have a
+    result, and how many have one."""
+    got = [v for v in values if v is not None]
+    if not got:
+        return None, None, 0
+    return statistics.fmean(got), statistics.pstdev(got), len(got)
 
 
 def fmt(x: float | None) -> str:
@@ -455,17 +572,25 @@ def tasks_avg(cell: dict) -> float | None:
     return sum(tasks.values()) / len(tasks) if tasks else None
 
 
+def smoke_keep(data: dict, table: str) -> tuple[str, ...]:
+    return tuple(data["tables"][f"table{table.partition('-')[2]}"].get("smoke_keep") or ())
+
+
 def print_table(table: str, data: dict, rows: list[dict], folder: Path, runs: Path, smoke: bool) -> list[dict]:
     key = f"table{table.partition('-')[2]}"
     info = data["tables"][key]
+    keep = smoke_keep(data, table)
     print(f"\n{data['paper']}\n{info['title']}" + ("  [SMOKE: tiny random model, numbers check the plumbing only]"
                                                  if smoke else ""))
     print("\n| row | column | stage | published | tasks avg | ours | delta | status |\n" + "|---" * 8 + "|")
     out, notes = [], []
     for row in rows:
-        run_dir, _ = run_dir_of(table, row, folder, runs, smoke)
+        run_dirs = [run_dir for run_dir, _ in row_runs(table, row, folder, runs, smoke, keep)]
         for cell in row["cells"]:
-            value = ours(run_dir, cell["stage"], cell["metric"])
+            values = [ours(run_dir, cell["stage"], cell["metric"]) for run_dir in run_dirs]
+            value, std, n = over_seeds(values) if row.get("seeds") else (values[0], None, 0)
+            ours_text = fmt(value) if not row.get("seeds") else (
+                f"{fmt(value)} (\u00b1{fmt(std)}, {n}/{len(values)} seeds)" if n else f"- (0/{len(values)} seeds)")
             pub = cell.get("published")
             avg = tasks_avg(cell)
             inconsistent = pub is not None and avg is not None and abs(avg - pub) >= AVG_TOLERANCE
@@ -479,10 +604,14 @@ def print_table(table: str, data: dict, rows: list[dict], folder: Path, runs: Pa
                     notes.append(note)
                 status += f" [{notes.index(note) + 1}]"
             printed = (cell.get("source") or {}).get("printed") or fmt(pub)  # as the paper prints it (5.6e2)
+            if (cell.get("source") or {}).get("printed_std"):
+                printed += f" (\u00b1{cell['source']['printed_std']})"
             print(f"| {row['label']} | {cell['column']} | {cell['stage']} | {printed} | "
-                  f"{fmt(avg)}{' (!= printed)' if inconsistent else ''} | {fmt(value)} | {delta} | {status} |")
+                  f"{fmt(avg)}{' (!= printed)' if inconsistent else ''} | {ours_text} | {delta} | {status} |")
             out.append({"row": row["id"], "column": cell["column"], "published": pub, "tasks_avg": avg, "ours": value,
                         "delta": None if value is None or pub is None else value - pub})
+            if row.get("seeds"):
+                out[-1].update(ours_std=std, seeds_done=n, published_std=cell.get("published_std"))
     if notes:
         print("\n" + "\n".join(f"[{i}] {note}" for i, note in enumerate(notes, 1)))
     if info.get("note"):
@@ -497,6 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", default="runs/tables", help="where the row run directories live")
     ap.add_argument("--run", action="store_true", help="run every row first (completed stages are skipped)")
     ap.add_argument("--smoke", action="store_true", help="tiny model and budgets (configs/papers/smoke.yaml)")
+    ap.add_argument("--rows", default=None, help="comma-separated row ids: run and print only these rows")
     ap.add_argument("--cli", default=None, help="the sparse-recover command (default: this Python's -m sparse_recover)")
     ap.add_argument("--check", action="store_true", help="lint configs/papers (published values, config headers) "
                     "and exit; the paper texts are checked too when ../shared/papers exists")
@@ -511,12 +641,18 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table:
         ap.error("name a table (or --check)")
     data, rows, folder = table_rows(args.table)
+    if args.rows:
+        wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+        unknown = sorted(set(wanted) - {r["id"] for r in rows})
+        if unknown:
+            ap.error(f"{args.table} has no row {', '.join(unknown)}")
+        rows = [r for r in rows if r["id"] in wanted]
     runs = Path(args.runs)
     rc = 0
     if args.run:
         cli = args.cli.split() if args.cli else [sys.executable, "-m", "sparse_recover"]
         os.environ.setdefault("HF_HUB_OFFLINE", "1") if args.smoke else None
-        rc = run_rows(args.table, rows, folder, runs, args.smoke, cli)
+        rc = run_rows(args.table, rows, folder, runs, args.smoke, cli, smoke_keep(data, args.table))
     print_table(args.table, data, rows, folder, runs, args.smoke)
     raise SystemExit(rc)
 

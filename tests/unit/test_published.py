@@ -102,7 +102,9 @@ def test_counts_of_filled_cells():
         for key, table in data["tables"].items():
             cells = [c for r in table["rows"] for c in r["cells"]]
             counts[f"{path.parent.name}-{key.removeprefix('table')}"] = sum(c["published"] is not None for c in cells)
-    assert counts == {"dsnot-1": 63, "dsnot-5": 9, "spp-2": 9, "spp-3": 8, "spp-4": 3, "lors-1": 18, "lors-4": 8}
+    assert counts == {"dsnot-1": 63, "dsnot-2": 20, "dsnot-5": 9, "dsnot-8": 90, "dsnot-9": 44, "dsnot-10": 20,
+                      "spp-2": 9, "spp-3": 24, "spp-4": 3, "spp-5": 8, "spp-6": 63, "spp-7": 27,
+                      "lors-1": 18, "lors-2": 9, "lors-3": 4, "lors-4": 8}
 
 
 def test_self_contradictions_are_stored_as_printed_with_a_note():
@@ -263,3 +265,189 @@ def test_a_model_without_hub_access_is_one_line_and_a_nonzero_exit(tmp_path, cap
     runs = [c.split()[1] for c in calls if c.startswith("run")]
     assert len(runs) == 24 and not [c for c in runs if "65b" in c]
     assert not (tmp_path / "runs").exists()  # the fake wrote nothing; make_table itself writes nothing either
+
+
+# ------------------------------------------------------------------------------------------- issue 14 part 3
+
+
+def _makefile_tables() -> list[str]:
+    line = next(t for t in (ROOT / "Makefile").read_text().splitlines() if t.startswith("TABLES :="))
+    return line.split(":=", 1)[1].split()
+
+
+def test_every_published_table_has_a_make_target_and_back():
+    assert sorted(_makefile_tables()) == sorted(mt.available_tables())
+    for table in ("spp-5", "spp-6", "spp-7", "lors-2", "lors-3", "dsnot-2", "dsnot-8", "dsnot-9", "dsnot-10"):
+        assert table in _makefile_tables(), table
+
+
+def test_the_new_tables_cover_the_papers_grids():
+    """Each table's rows map to configs, and they span the grid the paper prints (columns x rows)."""
+    def cells(paper, key):
+        data = load_yaml(str(PAPERS / paper / "published.yaml"))
+        return [(r, c) for r in data["tables"][key]["rows"] for c in r["cells"]]
+
+    def cfg(paper, row):
+        return validate_pipeline(load_yaml(str(PAPERS / paper / row["config"])))
+
+    t8 = cells("dsnot", "table8")
+    assert {(cfg("dsnot", r).model.model, round(100 * cfg("dsnot", r).prune.sparsity)) for r, _ in t8} == {
+        (m, s) for m in ("huggyllama/llama-7b", "huggyllama/llama-13b", "meta-llama/Llama-2-7b-hf",
+                         "meta-llama/Llama-2-13b-hf", "facebook/opt-13b") for s in range(10, 100, 10)}
+    t9 = cells("dsnot", "table9")
+    assert sorted({cfg("dsnot", r).calib.nsamples for r, _ in t9}) == [1, 2, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert {cfg("dsnot", r).prune.sparsity for r, _ in t9} == {0.6}  # the numbers are 60% (caption says 50%)
+    t10 = cells("dsnot", "table10")
+    assert all(r["seeds"] == [0, 1, 2, 3, 4] and "published_std" in c for r, c in t10)
+    t6 = cells("spp", "table6")
+    assert all(c["metric"] == "mmlu" and "mmlu" in cfg("spp", r).eval.tasks for r, c in t6)
+    assert len({cfg("spp", r).model.model for r, _ in t6}) == 7
+    t5 = cells("spp", "table5")
+    assert sorted(cfg("spp", r).finetune.method for r, _ in t5) == ["lora-remask"] * 4 + ["spp"] * 4
+    assert all(cfg("spp", r).finetune.rank == 8 for r, _ in t5 if cfg("spp", r).finetune.method == "lora-remask")
+    t3 = cells("spp", "table3")
+    assert sum(c["stage"] == "dsnot" for _, c in t3) == 8 and all(cfg("spp", r).dsnot for r, c in t3
+                                                                   if c["stage"] == "dsnot")
+    lors3 = cells("lors", "table3")
+    assert {cfg("lors", r).prune.pattern for r, _ in lors3} == {"unstructured"}
+    lors2 = cells("lors", "table2")
+    assert {cfg("lors", r).model.model for r, _ in lors2} == {"meta-llama/Llama-2-13b-hf"}
+
+
+def test_a_shared_config_must_name_every_table_that_uses_it(tree):
+    cfg = tree / "dsnot" / "table1-llama-7b-wanda-60.yaml"
+    _edit(cfg, "# Also DSnoT Table 10: five calibration seeds", "# Also: five calibration seeds")
+    problems = [p for p in mt.tree_problems(tree) if p.startswith(str(cfg))]
+    assert problems == [f"{cfg}: header does not name DSnoT Table 10 (its published.yaml row)"]
+
+
+def test_a_seed_mean_whose_std_is_not_printed_and_bad_seeds_are_refused(tree):
+    pub = tree / "dsnot" / "published.yaml"
+    _edit(pub, "        published_std: 0.04\n", "        published_std: 0.05\n")
+    _edit(pub, "      seeds:\n      - 0\n      - 1\n", "      seeds:\n      - 0\n      - 0\n")
+    problems = mt.published_problems(pub, TEXTS if TEXTS.is_dir() else None)
+    assert any("published_std 0.05 is not the printed '0.04'" in p for p in problems), problems
+    assert any("seeds must be two or more distinct integers" in p for p in problems), problems
+    assert all(p.startswith(str(pub)) for p in problems)
+
+
+def test_table10_runs_each_row_once_per_seed_and_prints_mean_and_std(tmp_path, monkeypatch, capsys):
+    data, rows, folder = mt.table_rows("dsnot-10")
+    runs = mt.row_runs("dsnot-10", rows[0], folder, tmp_path, False)
+    assert [sets for _, sets in runs] == [[f"calib.seed={s}"] for s in range(5)]
+    assert [d.name for d, _ in runs] == [f"seed-{s}" for s in range(5)]
+    smoke = mt.row_runs("dsnot-10", rows[0], folder, tmp_path, True)
+    assert len({d for d, _ in smoke}) == 5  # seeds stay distinct on the tiny model
+
+    # fake eval results: seed s gives published + s/100 (the 5th seed has no result yet)
+    def fake(run_dir, stage, metric):
+        row = next(r for r in rows if r["id"] == run_dir.parent.name)
+        cell = next(c for c in row["cells"] if c["stage"] == stage)
+        s = int(run_dir.name.removeprefix("seed-"))
+        return None if s == 4 else cell["published"] + s / 100
+
+    monkeypatch.setattr(mt, "ours", fake)
+    out = mt.print_table("dsnot-10", data, rows, folder, tmp_path, smoke=False)
+    first = out[0]
+    assert first["seeds_done"] == 4 and first["published_std"] == 0.04
+    assert first["ours"] == pytest.approx(first["published"] + 0.015)
+    assert first["ours_std"] == pytest.approx(0.0111803, abs=1e-6)  # population std of 0, .01, .02, .03
+    text = capsys.readouterr().out
+    line = next(t for t in text.splitlines() if t.startswith("| LLaMA-7B SparseGPT 60% | SparseGPT | prune |"))
+    assert f"| 10.42 (±0.04) | - | {mt.fmt(first['ours'])} (±0.01, 4/5 seeds) | 0.01 (+0.1%) |" in line
+
+
+def test_table9_smoke_keeps_the_number_of_calibration_sequences(tmp_path):
+    data, rows, folder = mt.table_rows("dsnot-9")
+    keep = mt.smoke_keep(data, "dsnot-9")
+    assert keep == ("calib.nsamples",)
+    dirs = {}
+    for row in rows:
+        (run_dir, sets), = mt.row_runs("dsnot-9", row, folder, tmp_path, True, keep)
+        assert not any(s.startswith("calib.nsamples=") for s in sets)
+        assert "model.model=\"tiny-llama-random\"" in sets
+        dirs[run_dir] = row["id"]
+    assert len(dirs) == len(rows)  # 11 counts x 2 pruners stay 22 distinct smoke runs
+
+
+def test_a_new_table_without_hub_access_is_one_line_per_model(tmp_path, capsys):
+    fake = tmp_path / "fake_cli.py"
+    fake.write_text(FAKE_CLI)
+    log = tmp_path / "calls.txt"
+    data, rows, folder = mt.table_rows("dsnot-2")
+    rc = mt.run_rows("dsnot-2", rows, folder, tmp_path / "runs", False, [sys.executable, str(fake), str(log)])
+    assert rc == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("make_table: 5 row(s) not run (table2-llama-65b-wanda-50, ")
+    runs = [c.split()[1] for c in log.read_text().splitlines() if c.startswith("run")]
+    assert runs == [r["config"] for r in rows if "65b" not in r["id"]]
+
+
+def _smoke_table(tmp_path, table, *extra):
+    import os
+    import subprocess
+
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_table.py"), table, "--run", "--smoke",
+                          "--runs", str(tmp_path), *extra], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return [t.split(" | ") for t in res.stdout.splitlines() if t.startswith("| LLaMA-V1-")]
+
+
+def test_make_table_smoke_end_to_end_for_a_new_table(tmp_path):
+    """`make_table.py dsnot-2 --run --smoke` on two rows (7B and 65B at 50%, one run on the tiny model: prune,
+    DSnoT, perplexity): the dry-run check, the run, the shared smoke run and every cell filled from its manifest."""
+    lines = _smoke_table(tmp_path, "dsnot-2", "--rows", "table2-llama-7b-wanda-50,table2-llama-65b-wanda-50")
+    assert len(list((tmp_path / "dsnot-2-smoke").iterdir())) == 1  # both rows are one tiny-model run
+    assert len(lines) == 4
+    for cols in lines:  # | row | column | stage | published | tasks avg | ours | delta | status |
+        assert float(cols[5]) > 0 and cols[6] != "-", cols
+
+
+@pytest.mark.slow
+def test_make_table_smoke_of_a_whole_new_table(tmp_path):
+    lines = _smoke_table(tmp_path, "dsnot-2")
+    assert len(list((tmp_path / "dsnot-2-smoke").iterdir())) == 5  # one run per sparsity, 7B and 65B shared
+    assert len(lines) == 20 and all(float(cols[5]) > 0 for cols in lines)
+
+
+def test_a_row_sharing_another_tables_config_reads_that_rows_run(tmp_path, tree):
+    data, rows, folder = mt.table_rows("spp-6")
+    row = next(r for r in rows if r["id"] == "table6-llama7b-wanda-50")
+    assert mt.row_runs("spp-6", row, folder, tmp_path, False) == [(tmp_path / "spp-2" / "table2-llama7b-wanda-50", [])]
+    row = next(r for r in rows if r["id"] == "table6-llama13b-wanda-50")
+    assert mt.row_runs("spp-6", row, folder, tmp_path, False) == [(tmp_path / "spp-6" / "table6-llama13b-wanda-50", [])]
+    pub = tree / "spp" / "published.yaml"
+    _edit(pub, "      same_run_as: spp-2/table2-llama7b-wanda-50\n",
+          "      same_run_as: spp-2/table2-llama7b-wanda-2of4\n")
+    problems = mt.published_problems(pub)
+    assert problems == [f"{pub}: table6 row table6-llama7b-wanda-50: same_run_as 'spp-2/table2-llama7b-wanda-2of4' "
+                        "runs table2-llama7b-wanda-2of4.yaml, not this row's table2-llama7b-wanda-50.yaml"]
+
+
+FAKE_CLI_RUN_REFUSES = textwrap.dedent("""\
+    import sys
+    from pathlib import Path
+    config = Path(sys.argv[sys.argv.index("run") + 1]).name
+    Path(sys.argv[1]).open("a").write(" ".join(["dry" if "--dry-run" in sys.argv else "run", config]) + "\\n")
+    if "llama-65b" in config and "--dry-run" not in sys.argv:  # planned from known shapes, weights not cached
+        print("sparse-recover: error: model huggyllama/llama-65b cannot be reached: it needs the Hugging Face hub",
+              file=sys.stderr)
+        sys.exit(3)
+""")
+
+
+def test_a_model_the_dry_run_plans_but_the_run_cannot_load_is_still_one_line(tmp_path, capsys):
+    fake = tmp_path / "fake_cli.py"
+    fake.write_text(FAKE_CLI_RUN_REFUSES)
+    log = tmp_path / "calls.txt"
+    data, rows, folder = mt.table_rows("dsnot-2")
+    rc = mt.run_rows("dsnot-2", rows, folder, tmp_path / "runs", False, [sys.executable, str(fake), str(log)])
+    assert rc == 3
+    err = [t for t in capsys.readouterr().err.splitlines() if t.startswith("make_table:")]
+    assert err == ["make_table: 5 row(s) not run (table2-llama-65b-wanda-50, table2-llama-65b-wanda-60, "
+                   "table2-llama-65b-wanda-70, table2-llama-65b-wanda-80, table2-llama-65b-wanda-90): model "
+                   "huggyllama/llama-65b cannot be reached: it needs the Hugging Face hub"]
+    runs = [c.split()[1] for c in log.read_text().splitlines() if c.startswith("run")]
+    assert [c for c in runs if "65b" not in c] == [r["config"] for r in rows if "65b" not in r["id"]]
+    assert len([c for c in runs if "65b" in c]) == 1  # tried once, then its other rows are left alone
