@@ -23,6 +23,7 @@ from typing import Any
 
 from sparse_recover.config import EvalCommandConfig
 from sparse_recover.errors import RunDirError
+from sparse_recover.evaluate import dense_cache
 from sparse_recover.records import EvalKey
 from sparse_recover.rundir import RunDir, now
 from sparse_recover.stages import EVAL_STAGES
@@ -131,9 +132,19 @@ def eval_stage(req: EvalRequest, rd: RunDir, *, force: bool) -> dict[str, Any]:
     if not todo:
         return done
     dev = resolve_device(req.cfg.model.device)
-    tokenizer = load_tokenizer(req.source.path)
-    model = load_model(req.source, dtype=resolve_dtype(req.cfg.model.dtype, dev), device=dev)
+    dtype = resolve_dtype(req.cfg.model.dtype, dev)
     results: dict[str, Any] = {}
+    cached = _dense_cache_names(req, todo, dtype, dev) if stage == "dense" and not force else {}
+    for kind, name in cached.items():
+        hit = dense_cache.lookup(name)
+        if hit is not None:
+            results[todo.pop(kind)] = {**hit, "cached_from": str(dense_cache.folder() / f"{name}.json")}
+            print(f"eval dense: {req.keys[kind]} of this model was measured before; reusing it "
+                  f"({dense_cache.folder()})")
+    if not todo:
+        return _finish(req, rd, done, results)
+    tokenizer = load_tokenizer(req.source)
+    model = load_model(req.source, dtype=dtype, device=dev)
     if "ppl" in todo:
         key = req.keys["ppl"]
         results[todo["ppl"]] = _perplexity(model, tokenizer, stage, key.data, ev.seqlen, ev.limit, ev.batch_size, dev)
@@ -150,16 +161,41 @@ def eval_stage(req: EvalRequest, rd: RunDir, *, force: bool) -> dict[str, Any]:
         parts += [f"{t} {v['acc']:.4f}" for t, v in res.get("tasks", {}).items()
                   if v.get("acc") is not None and not v.get("group")]
         summary(f"eval {stage}: {', '.join(parts) or 'done'} (acc) in {format_seconds(timing['wall_time_s'])}")
+    for kind, name in cached.items():  # what was measured now goes to the cache for the next run
+        if kind in todo and todo[kind] in results:
+            dense_cache.store(name, {k: v for k, v in results[todo[kind]].items() if k != "checkpoint"})
+    return _finish(req, rd, done, results)
+
+
+def _finish(req: EvalRequest, rd: RunDir, done: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     for result in results.values():
         result["checkpoint"] = req.checkpoint
-    save_results(rd, stage, results)
-    log_results(rd, stage, results)
+    save_results(rd, req.stage, results)
+    log_results(rd, req.stage, results)
     return {**done, **results}
+
+
+def _dense_cache_names(req: EvalRequest, todo: dict[str, str], dtype, dev) -> dict[str, str]:
+    """kind -> cache entry name of each dense measurement that can be shared between runs (evaluate/
+    dense_cache.py): a local or built-in model folder whose weights hash, and perplexity text whose hash is
+    known."""
+    if not dense_cache.enabled() or req.source.kind == "hub":
+        return {}
+    weights = dense_cache.weights_sha256(req.source.path)
+    if weights is None:
+        return {}
+    names = {}
+    for kind, key in todo.items():
+        if kind == "ppl" and req.ppl_sha256 is None:
+            continue
+        names[kind] = dense_cache.entry_key(weights, key, data_sha256=req.ppl_sha256 if kind == "ppl" else None,
+                                            dtype=str(dtype), device=dev.type)
+    return names
 
 
 def _perplexity(model, tokenizer, stage, ppl_source, seqlen, limit, batch_size, dev) -> dict[str, Any]:
     from sparse_recover.data import evaluation_text
-    from sparse_recover.evaluate.ppl import perplexity, tokenize_text
+    from sparse_recover.evaluate.ppl import auto_batch_size, perplexity, tokenize_text
     from sparse_recover.runtime import format_seconds, metered, progress, summary, versions
 
     name, text = evaluation_text(ppl_source)
@@ -168,8 +204,9 @@ def _perplexity(model, tokenizer, stage, ppl_source, seqlen, limit, batch_size, 
     with metered() as meter:
         bar = progress(n_windows, f"ppl {stage} {ppl_source}", unit="window")
         try:
-            result = perplexity(model, ids, seqlen, dev, batch_size=1 if batch_size == "auto" else int(batch_size),
-                                max_windows=limit, progress=bar.update)
+            batch = (auto_batch_size(seqlen, model.config.vocab_size) if batch_size == "auto"
+                     else int(batch_size))
+            result = perplexity(model, ids, seqlen, dev, batch_size=batch, max_windows=limit, progress=bar.update)
         finally:
             bar.close()
         timing = meter.stop()

@@ -112,7 +112,7 @@ def merge_stage(req: MergeRequest, rd: RunDir) -> dict[str, Any]:
     from sparse_recover.data import evaluation_text
     from sparse_recover.engine.finetune import ADAPTER_FILE, adapter_settings
     from sparse_recover.engine.stageio import commit_checkpoint, inputs_identity, load_sparse_stage
-    from sparse_recover.evaluate.ppl import perplexity, tokenize_text
+    from sparse_recover.evaluate.ppl import auto_batch_size, perplexity, tokenize_text
     from sparse_recover.models import resolve_device, resolve_dtype
     from sparse_recover.runtime import format_seconds, metered, summary, versions
     from sparse_recover.safeio import load_safetensors
@@ -130,10 +130,11 @@ def merge_stage(req: MergeRequest, rd: RunDir) -> dict[str, Any]:
         load_adapter_state(adapters, load_safetensors(ft / ADAPTER_FILE, error=RunDirError, what="adapter weights"))
         ids = tokenize_text(tokenizer, text)
         model.eval()
-        before = perplexity(model, ids, seqlen, dev, max_windows=windows)
+        batch = auto_batch_size(seqlen, model.config.vocab_size)  # both passes batched alike
+        before = perplexity(model, ids, seqlen, dev, max_windows=windows, batch_size=batch)
         stats = merge_adapters(adapters, safe_merge=True, remember=False)
         unload_adapters(model, adapters)
-        after = perplexity(model, ids, seqlen, dev, max_windows=windows)
+        after = perplexity(model, ids, seqlen, dev, max_windows=windows, batch_size=batch)
         timing = meter.stop()
     rel = abs(after["ppl"] - before["ppl"]) / before["ppl"]
     agree = rel <= AGREE_RTOL

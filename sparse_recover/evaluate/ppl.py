@@ -18,6 +18,20 @@ import torch
 from sparse_recover.errors import DataError
 
 
+AUTO_LOGITS_BYTES = 1 << 30  # `batch_size auto`: windows per forward whose float32 logits (+ CE) fit 1 GiB
+AUTO_MAX_WINDOWS = 8
+
+
+def auto_batch_size(seqlen: int, vocab_size: int) -> int:
+    """Windows per forward for `batch_size auto`: as many as keep the float32 logits and the cross-entropy's
+    log-softmax of one batch within AUTO_LOGITS_BYTES, at most AUTO_MAX_WINDOWS (SmolLM2 at 512 tokens: 5;
+    a 32k vocabulary at 2048 tokens: 2). Batching changes nothing but float rounding (each window's loss
+    is its own), and on a 2-core CPU 4-8 windows per forward run about twice as fast as one at a time
+    (scripts/bench_eval.py)."""
+    per_window = 2 * seqlen * max(1, vocab_size) * 4
+    return max(1, min(AUTO_MAX_WINDOWS, AUTO_LOGITS_BYTES // per_window))
+
+
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids[0]
 

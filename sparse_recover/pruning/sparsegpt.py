@@ -99,45 +99,52 @@ def sparsegpt_prune(
 
     prune = torch.zeros(rows, columns, dtype=torch.bool, device=W.device)
     losses = torch.zeros(rows, device=W.device)
+    nm = fixed_keep is None and isinstance(pattern, NM)
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         count = i2 - i1
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         d1 = torch.diag(U1)
+        d1sq = d1**2
 
         if fixed_keep is not None:
             mask1 = ~fixed_keep[:, i1:i2].to(W1.device, torch.bool)
-        elif isinstance(pattern, NM):
+        elif nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
-            score = W1**2 / d1.reshape(1, -1) ** 2
+            score = W1**2 / d1sq.reshape(1, -1)
             mask1 = torch.empty_like(W1, dtype=torch.bool)
             for s0, s1 in zip(bounds[:-1], bounds[1:]):
                 block = score[s0:s1]
                 mask1[s0:s1] = ~keep_per_matrix(block, pattern.n_prune(block.numel()), rule)
 
+        # The sweep, column by column, on the block transposed (count, rows) so that every column is one
+        # contiguous row. Column i's error is (w - q) / d with q = w where kept and 0 where pruned, i.e.
+        # w - q = w where pruned and exactly 0 elsewhere. The rank-1 update (each entry minus one rounded
+        # product, as the reference's K=1 matmul) is applied to the columns after i only, so row i keeps
+        # w, the value the column was pruned from; Q1 and the losses are formed for the whole block after
+        # the sweep with the same arithmetic per entry.
+        W1t = W1.t().contiguous()
+        mask1t = mask1.t().contiguous()
+        Err1t = torch.empty_like(W1t)
         for i in range(count):
-            w = W1[:, i]
-            d = U1[i, i]
-            if fixed_keep is None and isinstance(pattern, NM) and i % pattern.m == 0:
-                tmp = W1[:, i : i + pattern.m] ** 2 / d1[i : i + pattern.m].reshape(1, -1) ** 2
+            if nm and i % pattern.m == 0:
+                tmp = W1t[i : i + pattern.m].t() ** 2 / d1sq[i : i + pattern.m].reshape(1, -1)
                 idx = torch.sort(tmp, dim=1, stable=True).indices[:, : pattern.n_prune]
-                mask1.scatter_(1, i + idx, True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d**2
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(U1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
+                mask1t.scatter_(0, (i + idx).t(), True)
+            err1 = Err1t[i]
+            torch.div(torch.where(mask1t[i], W1t[i], 0.0), U1[i, i], out=err1)
+            if i + 1 < count:
+                W1t[i + 1 :] -= torch.outer(U1[i, i + 1 :], err1)
+        W1 = W1t.t().contiguous()
+        mask1 = mask1t.t().contiguous()
+        Err1 = Err1t.t().contiguous()
 
-        W[:, i1:i2] = Q1
+        diff = torch.where(mask1, W1, 0.0)
+        W[:, i1:i2] = W1.masked_fill_(mask1, 0.0)
         prune[:, i1:i2] = mask1
-        losses += torch.sum(Losses1, 1) / 2
+        losses += torch.sum(diff**2 / d1sq.reshape(1, -1), 1) / 2
         W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
 
     return SparseGPTResult(

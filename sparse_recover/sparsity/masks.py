@@ -35,6 +35,10 @@ def _prune_k_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     below = score < thresh
     equal = score == thresh
     room = k - below.sum(dim=1, keepdim=True)
+    if bool((equal.sum(dim=1, keepdim=True) == room).all()):
+        # the usual case, no surplus ties at the threshold: every equal entry fits the budget (the same
+        # mask as below, without the scan)
+        return below | equal
     return below | (equal & (torch.cumsum(equal, dim=1) <= room))
 
 

@@ -157,3 +157,31 @@ def test_ppl_data_is_keyed_canonically(measured_run, eval_file, tmp_path, monkey
     for stored in _stored(run):
         assert [k for k in stored if "corpus" in k] == [key]
         assert stored[key]["data_sha256"] == _text_sha(corpus) != first_sha
+
+
+def test_dense_results_are_measured_once_per_model(tmp_path, tiny_models, calib_file, eval_file, monkeypatch):
+    """Two runs of one model: the second run's dense perplexity comes from the cache outside the run directory
+    (same number, `cached_from` set); other weights or other text are measured anew."""
+    monkeypatch.setenv("SPARSE_RECOVER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SPARSE_RECOVER_NO_EVAL_CACHE", raising=False)
+    settings = dict(ppl_data=str(eval_file), seqlen=64, limit=2, device="cpu")
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        prune(tiny_models["llama"], run, calib_file, "magnitude", "2:4")
+    first = run_eval(runs[0], "dense", ["ppl"], **settings)
+    second = run_eval(runs[1], "dense", ["ppl"], **settings)
+    (key, a), = first.items()
+    b = second[key]
+    assert "cached_from" not in a and b["cached_from"].startswith(str(tmp_path / "cache" / "evals"))
+    assert b["ppl"] == a["ppl"] and b["windows"] == a["windows"]
+    stored = json.loads((runs[1] / "manifest.json").read_text())["evals"]["dense"][key]
+    assert stored["ppl"] == a["ppl"] and stored["checkpoint"].startswith("dense|")
+    # other text: measured, not taken from the cache
+    other = tmp_path / "other.txt"
+    other.write_text(eval_file.read_text()[::-1])
+    third = run_eval(runs[1], "dense", ["ppl"], **{**settings, "ppl_data": str(other)})
+    assert all("cached_from" not in r for k, r in third.items() if "other.txt" in k)
+    # other weights (another model folder): measured anew
+    gpt = tmp_path / "c"
+    prune(tiny_models["gpt2"], gpt, calib_file, "magnitude", "2:4")
+    assert all("cached_from" not in r for r in run_eval(gpt, "dense", ["ppl"], **settings).values())
