@@ -228,7 +228,6 @@ class Trainer:
         """Optimizer step `step` (0-based): forward/backward, update, log, and evaluate / save when due."""
         mean_loss, gnorm, step_tokens = self.accumulate(step)
         self.check_finite(step, mean_loss, gnorm)
-        [print("DBG", type(p).__name__, type(p.grad).__name__, p.shape) for p in self.params if type(p.grad).__name__ != "DTensor"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
