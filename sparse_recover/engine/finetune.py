@@ -262,7 +262,7 @@ def finetune_stage(req: FinetuneRequest, rd: RunDir) -> dict[str, Any]:
     from sparse_recover.adapters.model import check_targets, find_targets
     from sparse_recover.data import training_data
     from sparse_recover.engine.stageio import inputs_identity, load_sparse_stage, write_log
-    from sparse_recover.models import resolve_dtype
+    from sparse_recover.models import is_conv1d, resolve_dtype
     from sparse_recover.runtime import format_seconds, metered, versions
     from sparse_recover.train import BatchPlan, latest_checkpoint, train, weight_gradients
 
@@ -382,6 +382,12 @@ def finetune_stage(req: FinetuneRequest, rd: RunDir) -> dict[str, Any]:
             (tmp / "trainer_log.json").write_text(json.dumps({"history": result.history, "evals": result.evals},
                                                              indent=1))
             shutil.copytree(final, tmp / "training_state")
+            if section.method == "lora-remask":  # plain LoRA while training: peft can load it as it is
+                from sparse_recover.adapters.peft_export import write_peft_adapter
+
+                write_peft_adapter(tmp / "peft", weights, targets=list(adapters), resolved=resolved,
+                                   base=str(rd.stage_dir(stage)), conv1d=any(is_conv1d(a.base)
+                                                                             for a in adapters.values()))
         rd.commit("finetune", entry)  # a merge of the previous adapters becomes stale
         shutil.rmtree(work_dir, ignore_errors=True)
         write_log(rd, "finetune", f"finetune {section.method} from {stage}",

@@ -179,3 +179,36 @@ def test_fsdp2_with_squarehead_distillation_equals_ddp(pruned_runs, tmp_path, tr
     _assert_same_training(ddp, fsdp, atol=1e-6)
     log = json.loads((fsdp / "finetune" / "trainer_log.json").read_text())
     assert all("squarehead" in h and "kl" in h for h in log["history"])
+
+
+# ------------------------------------------------------------------------------------------ peft format
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lora_remask_adapters_load_in_peft(family, pruned_runs, tmp_path, train_file):
+    """RUN/finetune/peft loads with PeftModel.from_pretrained onto the sparse stage; peft's merged weight times
+    the stored mask is the merge stage's weight."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sparse_recover.sparsity.io import load_masks
+
+    run = copy_run(pruned_runs[family], tmp_path / "run")
+    args = ["--method", "lora-remask", "--lr", "5e-2", *ARGS[:1], str(train_file), *ARGS[2:]]
+    if family == "gpt2":
+        args += ["--targets", "c_attn,c_fc"]
+    res = run_cli(["finetune", *args, "--run-dir", run], tmp_path, tmp_path / "cache")
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_cli(["merge", "--run-dir", run, "--device", "cpu", "--ppl-windows", "2"], tmp_path, tmp_path / "cache")
+    assert res.returncode == 0, res.stderr[-2000:]
+    base = AutoModelForCausalLM.from_pretrained(str(run / "prune"), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(run / "finetune" / "peft"))
+    merged_by_peft = peft_model.merge_and_unload().state_dict()
+    ours = AutoModelForCausalLM.from_pretrained(str(run / "merge"), dtype=torch.float32).state_dict()
+    masks, _ = load_masks(run / "prune" / "masks.safetensors")
+    for name, keep in masks.items():
+        w = merged_by_peft[name]
+        keep = keep.t() if family == "gpt2" else keep  # GPT-2's Conv1D stores (in, out)
+        torch.testing.assert_close(w * keep, ours[name], rtol=1e-5, atol=1e-6, msg=name)
+    adapted = json.loads((run / "finetune" / "peft" / "adapter_config.json").read_text())["target_modules"]
+    assert adapted and all(f"{t}.weight" in masks for t in adapted)
