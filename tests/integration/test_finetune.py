@@ -31,7 +31,8 @@ def test_finetune_merge_audit(pruned_runs, tmp_path, train_file, method, family)
     assert entry["train"]["steps"] == 4 and entry["train"]["tokens"] > 0
     assert snapshot(run / "prune") == prune_before  # the sparse base is frozen and untouched
     files = sorted(p.name for p in (run / "finetune").iterdir())
-    assert files == ["adapter.safetensors", "adapter_config.json", "trainer_log.json", "training_state"]
+    peft = ["peft"] if method == "lora-remask" else []  # plain LoRA: also in peft's format
+    assert files == ["adapter.safetensors", "adapter_config.json", *peft, "trainer_log.json", "training_state"]
     assert not (run / WORK_DIR).exists()
     # trainable parameters = the per-method formula summed over the adapted linears
     state = load_file(str(run / "finetune" / "adapter.safetensors"))
