@@ -237,16 +237,22 @@ def test_make_table_prints_printed_and_recomputed_average(tmp_path, capsys):
     assert {o["row"] for o in out} == {r["id"] for r in rows}
 
 
-FAKE_CLI = textwrap.dedent("""\
-    import sys
-    from pathlib import Path
-    config = Path(sys.argv[sys.argv.index("run") + 1]).name
-    Path(sys.argv[1]).open("a").write(" ".join(["dry" if "--dry-run" in sys.argv else "run", config]) + "\\n")
-    if "llama-65b" in config:
-        print("sparse-recover: error: model huggyllama/llama-65b cannot be reached: it needs the Hugging Face hub",
-              file=sys.stderr)
-        sys.exit(3)
-""")
+def _fake_cli(refuses: str) -> str:
+    """A stand-in CLI for make_table's row loop: logs each call, and exits 3 (model unreachable) for the 65B
+    configs when `refuses` (a Python condition on sys.argv) holds."""
+    return textwrap.dedent(f"""\
+        import sys
+        from pathlib import Path
+        config = Path(sys.argv[sys.argv.index("run") + 1]).name
+        Path(sys.argv[1]).open("a").write(" ".join(["dry" if "--dry-run" in sys.argv else "run", config]) + "\\n")
+        if "llama-65b" in config and ({refuses}):
+            print("sparse-recover: error: model huggyllama/llama-65b cannot be reached: it needs the Hugging Face hub",
+                  file=sys.stderr)
+            sys.exit(3)
+    """)
+
+
+FAKE_CLI = _fake_cli("True")
 
 
 def test_a_model_without_hub_access_is_one_line_and_a_nonzero_exit(tmp_path, capsys):
@@ -425,16 +431,7 @@ def test_a_row_sharing_another_tables_config_reads_that_rows_run(tmp_path, tree)
                         "runs table2-llama7b-wanda-2of4.yaml, not this row's table2-llama7b-wanda-50.yaml"]
 
 
-FAKE_CLI_RUN_REFUSES = textwrap.dedent("""\
-    import sys
-    from pathlib import Path
-    config = Path(sys.argv[sys.argv.index("run") + 1]).name
-    Path(sys.argv[1]).open("a").write(" ".join(["dry" if "--dry-run" in sys.argv else "run", config]) + "\\n")
-    if "llama-65b" in config and "--dry-run" not in sys.argv:  # planned from known shapes, weights not cached
-        print("sparse-recover: error: model huggyllama/llama-65b cannot be reached: it needs the Hugging Face hub",
-              file=sys.stderr)
-        sys.exit(3)
-""")
+FAKE_CLI_RUN_REFUSES = _fake_cli('"--dry-run" not in sys.argv')  # planned from known shapes, weights not cached
 
 
 def test_a_model_the_dry_run_plans_but_the_run_cannot_load_is_still_one_line(tmp_path, capsys):
