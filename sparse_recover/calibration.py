@@ -22,7 +22,8 @@ Resuming (engine/snapshot.py): `start` skips the blocks already finished (their 
 model), and `resume_hidden`, the stored inputs of block `start` for all windows, replaces the captured
 block-0 inputs; the call arguments are captured again, which is exact because pruning never changes what
 comes before the first block. `after_block(i, block, hidden)` sees every finished block with the inputs
-of the next one (a snapshot point).
+of the next one (a snapshot point); for the last block `hidden` is None: its outputs feed nothing, so they
+are not computed.
 """
 
 from __future__ import annotations
@@ -145,26 +146,45 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tenso
     return BlockInputs(hidden=hidden, call_args=call_args)
 
 
+class _StopBlock(Exception):
+    """Raised by the statistics hook of a block's last linear once the rest of the forward is not needed."""
+
+
 class _StatCollector:
     """Pre-hooks that accumulate one statistic per distinct input tensor of the block's linears.
 
     During the first batch, a linear whose input is the very tensor object another linear already
     received (q/k/v, gate/up) is marked as sharing that linear's statistic; afterwards only owners
     accumulate.
+
+    With `stop_early` (the block's outputs of this pass are not kept), from the second batch on the
+    forward ends right after the last linear's input is recorded: the last linear's matmul and what
+    follows it (down_proj and the residual in a LLaMA block) are skipped. The statistics are the same
+    bits. Only when the first batch called every linear, in an order that then fixes the last one.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], stat_cls: type[Statistic], device: torch.device):
+    def __init__(self, linears: dict[str, nn.Module], stat_cls: type[Statistic], device: torch.device,
+                 stop_early: bool = False):
         self.linears = linears
         self.stat_cls = stat_cls
         self.device = device
         self.owner: dict[str, str] = {}
         self.stats: dict[str, Statistic] = {}
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self._order: list[str] = []
+        self._stop_early = stop_early
+        self._last: str | None = None
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in linears.items()]
 
     def _hook(self, name: str):
         def pre(_module, args):
+            if name == self._last:
+                if self.owner[name] == name:
+                    self.stats[name].add(args[0])
+                raise _StopBlock
             x = args[0]
+            if self._stop_early:
+                self._order.append(name)
             owner = self.owner.get(name)
             if owner is None:
                 hit = self._seen.get(id(x))
@@ -181,6 +201,10 @@ class _StatCollector:
 
     def first_batch_done(self) -> None:
         self._seen.clear()  # drop the references that kept input tensors alive
+        if self._stop_early and len(self._order) == len(set(self._order)) == len(self.linears):
+            self._last = self._order[-1]
+        self._stop_early = False
+        self._order = []
 
     def remove(self) -> None:
         for h in self._handles:
@@ -205,7 +229,10 @@ def run_block(block: nn.Module, inputs: BlockInputs, index: int, device: torch.d
     """Run every batch through one block; with store_outputs, each batch's output replaces its input."""
     for b, x in enumerate(inputs.hidden):
         args, kwargs = inputs.call_args[b][index]
-        out = _block_out(block(x.to(device), *_move(args, device), **_move(kwargs, device)))
+        try:
+            out = _block_out(block(x.to(device), *_move(args, device), **_move(kwargs, device)))
+        except _StopBlock:  # a statistics pass whose outputs are not needed (_StatCollector stop_early)
+            out = None
         if store_outputs:
             inputs.hidden[b] = out.to(x.device, x.dtype)
         del out
@@ -245,7 +272,8 @@ def layerwise(
                 block.to(device)
             try:
                 linears = prunable_linears(block)
-                collector = _StatCollector(linears, stat_cls, device) if stat_cls is not None else None
+                collector = (_StatCollector(linears, stat_cls, device, stop_early=(propagate != "dense"))
+                             if stat_cls is not None else None)
                 try:
                     if collector is not None or propagate == "dense":
                         run_block(block, inputs, i, device, store_outputs=(propagate == "dense"),
@@ -259,13 +287,14 @@ def layerwise(
                 process_block(ctx)
                 ctx.stats = {}
                 del collector
-                if propagate == "pruned":
+                last = i == len(blocks) - 1
+                if propagate == "pruned" and not last:  # the last block's outputs feed nothing
                     run_block(block, inputs, i, device, store_outputs=True)
             finally:
                 if offload:
                     block.to("cpu")
             if after_block is not None:
-                after_block(i, block, inputs.hidden)
+                after_block(i, block, None if last else inputs.hidden)
             if progress is not None:
                 progress(i)
 

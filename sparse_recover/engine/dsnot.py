@@ -165,6 +165,7 @@ def dsnot_model(model, windows, pattern, settings, *, init: str, targets: str, p
     from sparse_recover import refine
     from sparse_recover.engine.stageio import layerwise_with_progress
     from sparse_recover.models import is_conv1d, weight_2d
+    from sparse_recover.sparsity.masks import count_kept
     from sparse_recover.sparsity.patterns import Unstructured
 
     own_targets = layer_targets or {}
@@ -219,8 +220,8 @@ def dsnot_model(model, windows, pattern, settings, *, init: str, targets: str, p
                 masks[key] = keep_cpu
                 if is_conv1d(mod):
                     transposed.append(key)
-                info.update(shape=list(keep_cpu.shape), kept=int(keep_cpu.sum()),
-                            sparsity=round(1 - keep_cpu.float().mean().item(), 6))
+                info.update(shape=list(keep_cpu.shape), kept=count_kept(keep_cpu),
+                            sparsity=round(1 - count_kept(keep_cpu) / keep_cpu.numel(), 6))
                 if key in own_targets:
                     info["target"] = own_targets[key]
                 if stored_masks is not None:

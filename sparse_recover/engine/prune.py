@@ -182,6 +182,7 @@ def prune_model(model, method, settings, windows, *, device, offload: bool = Fal
     from sparse_recover.calibration import layerwise
     from sparse_recover.models import decoder_blocks, is_conv1d, prunable_linears, weight_2d
     from sparse_recover.runtime import progress
+    from sparse_recover.sparsity.masks import all_finite, count_kept
 
     masks: dict[str, torch.Tensor] = dict(resume.masks) if resume else {}
     layers: dict[str, dict[str, Any]] = dict(resume.layers) if resume else {}
@@ -206,7 +207,7 @@ def prune_model(model, method, settings, windows, *, device, offload: bool = Fal
                 continue
             mods = [linears[n] for n in group]
             for name, mod in zip(group, mods):
-                if not torch.isfinite(mod.weight).all():
+                if not all_finite(mod.weight):
                     raise NumericalError(f"{prefix}.{name} has non-finite weights: refusing to prune it")
             outcomes = method.fn([weight_2d(m).detach() for m in mods], stat.value if stat else None, block_settings)
             for name, mod, res in zip(group, mods, outcomes):
@@ -220,8 +221,9 @@ def prune_model(model, method, settings, windows, *, device, offload: bool = Fal
                 masks[key] = keep
                 if is_conv1d(mod):
                     transposed.append(key)
-                layers[key] = {"shape": list(keep.shape), "kept": int(keep.sum()),
-                               "sparsity": round(1 - keep.float().mean().item(), 6), **res.info}
+                kept = count_kept(keep)
+                layers[key] = {"shape": list(keep.shape), "kept": kept, "sparsity": round(1 - kept / keep.numel(), 6),
+                               **res.info}
                 if block_sparsity is not None:
                     layers[key]["target"] = block_sparsity[index]
 

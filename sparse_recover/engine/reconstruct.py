@@ -108,6 +108,7 @@ def reconstruct_model(model, windows, masks: dict[str, Any], *, blocksize: int =
     from sparse_recover.engine.stageio import layerwise_with_progress
     from sparse_recover.models import is_conv1d, weight_2d
     from sparse_recover.pruning import PruneSettings, sparsegpt_reconstruct
+    from sparse_recover.sparsity.masks import count_kept
     from sparse_recover.sparsity.patterns import Unstructured
 
     layers: dict[str, dict[str, Any]] = {}
@@ -139,8 +140,8 @@ def reconstruct_model(model, windows, masks: dict[str, Any], *, blocksize: int =
                 if is_conv1d(mod):
                     transposed.append(key)
                 keep_cpu = keep.to("cpu")
-                layers[key] = {"shape": list(keep_cpu.shape), "kept": int(keep_cpu.sum()),
-                               "sparsity": round(1 - keep_cpu.float().mean().item(), 6), **res.info}
+                layers[key] = {"shape": list(keep_cpu.shape), "kept": count_kept(keep_cpu),
+                               "sparsity": round(1 - count_kept(keep_cpu) / keep_cpu.numel(), 6), **res.info}
 
     layerwise_with_progress(model, windows, process, "reconstruct (sparsegpt)", show_progress=show_progress,
                             statistic="hessian", device=device, offload=offload, batch_size=batch_size,

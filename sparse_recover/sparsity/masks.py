@@ -67,16 +67,52 @@ def keep_per_matrix(score: torch.Tensor, n_prune: int, rule: ThresholdRule = "ex
     return ~_prune_k_lowest(flat.unsqueeze(0), n_prune).view_as(score)
 
 
+# Up to this M, N:M selection ranks each group by pairwise comparisons (M passes over the matrix, no sort);
+# above it, a stable sort of every group. Both give the same mask.
+_RANK_MAX_M = 16
+
+
+def _stable_rank(grouped: torch.Tensor) -> torch.Tensor:
+    """Position of every entry of each group (last dim) in a stable ascending sort of its group.
+
+    rank_j = #{i < j : s_i <= s_j} + #{i > j : s_i < s_j}, equal to argsort(argsort(stable=True)): one
+    comparison per pair of positions, M(M-1)/2 passes over 1/M of the matrix (no sort, no NaN: see keep_nm).
+    """
+    m = grouped.shape[-1]
+    rank = torch.zeros(grouped.shape, dtype=torch.uint8, device=grouped.device)
+    for i in range(m):
+        for j in range(i + 1, m):
+            first = grouped[..., i] <= grouped[..., j]  # i sorts before j (ties: the lower index first)
+            rank[..., j] += first
+            rank[..., i] += ~first
+    return rank
+
+
 def keep_nm(score: torch.Tensor, nm: NM) -> torch.Tensor:
     """Within each row and each aligned group of M input columns, keep the N highest scores."""
     rows, cols = score.shape
     if cols % nm.m:
         raise ConfigError(f"input width {cols} is not divisible by M={nm.m}")
     grouped = score.reshape(rows, cols // nm.m, nm.m)
+    if nm.m <= _RANK_MAX_M and not bool(torch.isnan(score).any()):  # a sort puts NaN last; comparisons cannot
+        return (_stable_rank(grouped) >= nm.n_prune).reshape(rows, cols)
     keep = torch.ones_like(grouped, dtype=torch.bool)
     idx = _argsort(grouped, dim=2)[..., : nm.n_prune]
     keep.scatter_(2, idx, False)
     return keep.reshape(rows, cols)
+
+
+def count_kept(keep: torch.Tensor) -> int:
+    """Number of True entries of a mask (count_nonzero: about 20x faster than a bool sum on the CPU)."""
+    return int(torch.count_nonzero(keep))
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite, in one reduction without a mask (min/max propagate NaN and show inf)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def nm_group_counts(keep: torch.Tensor, m: int) -> torch.Tensor:

@@ -149,3 +149,40 @@ def test_prunable_linears_cover_conv1d():
     _, blocks = decoder_blocks(model)
     names = set(prunable_linears(blocks[0]))
     assert names == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("statistic", ["sq_norm", "hessian"])
+def test_statistics_pass_stops_after_the_last_linear(family, statistic):
+    """From the second batch on, the statistics pass ends at the block's last linear (its outputs are not kept): the
+    last linear runs once there plus once per window in the propagation (none after the last block), and the
+    statistics are the same bits as a pass that runs every block to the end (propagate="dense" keeps outputs, so it
+    never stops early)."""
+    win = _windows(4)
+
+    def record(store):
+        def f(ctx):
+            for g in ctx.groups:
+                store[(ctx.index, g[0])] = ctx.stats[g[0]].value.clone()
+        return f
+
+    def count_last_linear(model):
+        counts = {}
+        for i, block in enumerate(decoder_blocks(model)[1]):
+            last = list(prunable_linears(block).values())[-1]  # module order ends with the last-called linear here
+            counts[i] = 0
+            last.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+        return counts
+
+    early, full = {}, {}
+    a, b = build_model(family), build_model(family)
+    counts_a, counts_b = count_last_linear(a), count_last_linear(b)
+    layerwise(a, win, record(early), statistic=statistic, device=CPU, propagate="pruned")
+    layerwise(b, win, record(full), statistic=statistic, device=CPU, propagate="dense")
+    block0 = [k for k in early if k[0] == 0]
+    assert block0 and all(torch.equal(early[k], full[k]) for k in block0)
+    assert len(early) == len(full)
+    n = len(counts_a)
+    # first window of the statistics pass, then the propagation; the last block's outputs feed nothing: no propagation
+    assert [counts_a[i] for i in range(n)] == [1 + 4] * (n - 1) + [1]
+    assert set(counts_b.values()) == {4}  # dense: one pass that keeps every output

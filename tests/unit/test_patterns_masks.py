@@ -137,3 +137,19 @@ def test_yaml_keeps_nm_patterns_as_strings(tmp_path):
     assert cfg.prune.pattern == "4:8" and cfg.calib.seed == 3 and cfg.prune.percdamp == 0.1
     with pytest.raises(ConfigError, match="prune.patern: unknown key"):
         validate(PruneConfig, {"model": {"model": "m"}, "prune": {"patern": "2:4"}})
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (8, 16), (16, 32)])
+@pytest.mark.parametrize("seed", range(3))
+def test_nm_rank_selection_equals_stable_sort(n, m, seed):
+    """keep_nm ranks groups by pairwise comparisons for M <= 16; the mask is that of a stable sort of each group
+    (lower column pruned first among equal scores), with heavy ties, zeros and NaN (sorted last)."""
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randint(0, 4, (16, 4 * m), generator=g).float()
+    score[0] = 0.0
+    if seed == 2:
+        score[3, 1] = float("nan")
+    grouped = score.view(16, 4, m)
+    idx = torch.sort(grouped, dim=2, stable=True).indices[..., : m - n]  # N:M keeps N: prune the M - N lowest
+    expected = torch.ones_like(grouped, dtype=torch.bool).scatter_(2, idx, False).view(16, 4 * m)
+    assert torch.equal(keep_nm(score, NM(n, m)), expected)
