@@ -77,6 +77,11 @@ class ModelSource:
         kwargs: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
         if self.revision:
             kwargs["revision"] = self.revision
+        if self.kind == "hub":
+            from sparse_recover.hub import unreachable
+
+            if unreachable() is not None:  # answer from the local cache at once, without the libraries' retries
+                kwargs["local_files_only"] = True
         return kwargs
 
     def describe(self) -> str:

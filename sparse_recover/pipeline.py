@@ -382,8 +382,7 @@ def check_reachable(spec: str, *, revision: str | None = None, trust_remote_code
     """Resolve the model (converting a built-in alias on first use) and load its config, so a hub id
     with no network (or a revision that is not cached) fails now, in one line, rather than after the
     first stages."""
-    import os
-
+    from sparse_recover.hub import unreachable
     from sparse_recover.models import load_config, resolve_model_source
 
     source = resolve_model_source(spec, revision=revision, trust_remote_code=trust_remote_code)
@@ -392,11 +391,11 @@ def check_reachable(spec: str, *, revision: str | None = None, trust_remote_code
     except ModelSourceError:
         if source.kind != "hub":
             raise
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = unreachable()
         what = f"model {source.spec}" + (f" at revision {source.revision}" if source.revision else "")
         raise ModelSourceError(
             f"{what} cannot be reached: it needs the Hugging Face hub "
-            f"({'HF_HUB_OFFLINE=1 is set and ' if offline else ''}it is not in the local cache); "
+            f"({why + ' and ' if why else ''}it is not in the local cache); "
             "download it once with network access, or point model.model at a local folder") from None
     return source
 

@@ -60,23 +60,16 @@ def check_data_source(source: str, what: str = "calibration") -> None:
     raise DataError(f"unknown data source {source!r}: use {known_sources()}")
 
 
-def hub_offline() -> str | None:
-    """The environment variable that keeps the Hugging Face hub offline, if one is set."""
-    import os
-
-    return next((v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-                 if os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")), None)
-
-
 def check_hub_dataset(key: str, what: str) -> None:
     """Offline, a hub dataset must be in the local datasets cache: `datasets.load_dataset_builder` answers
     from the cache at once when offline (no retries), exactly as the loader in data.py would resolve it."""
     import logging
 
     from sparse_recover.data import HUB_DATASETS
+    from sparse_recover.hub import unreachable
 
-    flag = hub_offline()
-    if flag is None:
+    why = unreachable()
+    if why is None:
         return
     path, name, files = HUB_DATASETS[key]
     logger = logging.getLogger("datasets")  # a cache hit logs "Using the latest cached version ..."
@@ -87,7 +80,7 @@ def check_hub_dataset(key: str, what: str) -> None:
 
         load_dataset_builder(path, name, data_files=files)
     except Exception:  # noqa: BLE001 - datasets raises ConnectionError, FileNotFoundError, ValueError...
-        raise DataError(f"{what} {key} is the hub dataset {path}, which cannot be reached: {flag}=1 is set and it is "
+        raise DataError(f"{what} {key} is the hub dataset {path}, which cannot be reached: {why} and it is "
                         f"not in the local datasets cache; offline, use {OFFLINE_ALTERNATIVE[what]}") from None
     finally:
         logger.setLevel(level)
