@@ -313,6 +313,27 @@ class Store:
                 out.append(v)
         return out
 
+    def compute_seconds(self, names: list[str], seed: int) -> tuple[float, int, int]:
+        """Sum of the recorded wall times of every stage and evaluation of these runs for one seed, each
+        measurement once (a branch's copy of its parent's stages, a dense result reused from the cache: same
+        record, same finish time), plus the benchmark's recorded time. Returns (seconds, stages, evaluations)."""
+        seen: set[tuple[str, str, str]] = set()
+        total, stages, evals = 0.0, 0, 0
+        for name in names:
+            manifest = self.get(name, seed).manifest or {}
+            for stage, rec in (manifest.get("stages") or {}).items():
+                wall = rec.get("wall_time_s") if isinstance(rec, dict) else None
+                if isinstance(wall, (int, float)) and ("stage", stage, str(rec.get("finished"))) not in seen:
+                    seen.add(("stage", stage, str(rec.get("finished"))))
+                    total, stages = total + wall, stages + 1
+            for stage, results in (manifest.get("evals") or {}).items():
+                for key, rec in (results or {}).items():
+                    wall = rec.get("wall_time_s") if isinstance(rec, dict) else None
+                    if isinstance(wall, (int, float)) and (key, stage, str(rec.get("measured"))) not in seen:
+                        seen.add((key, stage, str(rec.get("measured"))))
+                        total, evals = total + wall, evals + 1
+        return total, stages, evals
+
     def bench(self) -> dict[str, Any] | None:
         path = run_dir(self.root, BENCH, self.seeds[0]) / "bench.json"
         try:
@@ -736,6 +757,12 @@ def main(argv: list[str] | None = None) -> None:
     print("ppl: held-out wiki-en perplexity at the configs' eval setting (lower is better); wiki-suite: mean accuracy "
           "(%) of its two tasks (higher is better)\n")
     (print_study if args.rowset == "study" else print_claims)(rows, runs, store, root)
+    names = [n for n in dict.fromkeys(n for r in rows for n in r.runs) if runs[n].config is not None]
+    for seed in seeds:
+        secs, n_stages, n_evals = store.compute_seconds(names, seed)
+        print(f"\nrecorded compute, seed {seed}: {_fmt_s(secs)} = {n_stages} stages + {n_evals} evaluations over "
+              f"{len(names)} runs (the wall times in the manifests, each measurement once; whatever else was running "
+              "on the machine at the time is in them)")
     print(f"\nrun directories: {root}")
     raise SystemExit(1 if problems else 0)
 
