@@ -43,13 +43,21 @@ def _env(progress: bool = False) -> dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A test run started in the background by a
+    non-interactive shell (`nohup make test &`) inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler, so the Ctrl-C these tests send would be dropped and the stage run to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Running:
     """A CLI subprocess whose stdout and stderr are collected as they come (for markers)."""
 
     def __init__(self, args: list, cwd: Path, progress: bool = False):
         self.args = [str(a) for a in args]
         self.proc = subprocess.Popen([sys.executable, "-m", "sparse_recover", *self.args], cwd=cwd,
-                                     env=_env(progress), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     env=_env(progress), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     preexec_fn=_default_sigint)
         self.out, self.err = bytearray(), bytearray()
         self._readers = [threading.Thread(target=self._drain, args=(pipe, buf), daemon=True)
                          for pipe, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
